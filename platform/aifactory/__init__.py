@@ -1,0 +1,72 @@
+"""aifactory: data, training, serving and benchmarks on one Ray cluster, with per-tenant cost accounting.
+
+``import aifactory`` is light: it imports neither torch nor Ray's Serve/Train/Data. Public names resolve on
+first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Public API by area: name -> module that defines it.
+_EXPORTS: dict[str, str] = {
+    # tenancy and configuration
+    "TenantRef": "aifactory.tenancy",
+    "WorkloadKind": "aifactory.tenancy",
+    "SLOClass": "aifactory.tenancy",
+    "JobTags": "aifactory.tenancy",
+    "job_metadata": "aifactory.tenancy",
+    "tags_from_metadata": "aifactory.tenancy",
+    "UNATTRIBUTED": "aifactory.tenancy",
+    "StrictModel": "aifactory.config",
+    "load_config": "aifactory.config",
+    "parse_config": "aifactory.config",
+    "FactoryHome": "aifactory.home",
+    # errors
+    "FactoryError": "aifactory.exceptions",
+    "ConfigError": "aifactory.exceptions",
+    "ClusterUnreachable": "aifactory.exceptions",
+    "JobNotFound": "aifactory.exceptions",
+    "QuotaExceeded": "aifactory.exceptions",
+    "BudgetExceeded": "aifactory.exceptions",
+    "DataError": "aifactory.exceptions",
+    "ContractViolation": "aifactory.exceptions",
+    "NotFound": "aifactory.exceptions",
+    "IntegrityError": "aifactory.exceptions",
+    # cluster and jobs
+    "LocalCluster": "aifactory.cluster",
+    "Client": "aifactory.jobs",
+    "JobRecord": "aifactory.jobs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aifactory' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aifactory.cluster import LocalCluster
+    from aifactory.config import StrictModel, load_config, parse_config
+    from aifactory.exceptions import (
+        BudgetExceeded, ClusterUnreachable, ConfigError, ContractViolation, DataError, FactoryError,
+        IntegrityError, JobNotFound, NotFound, QuotaExceeded,
+    )
+    from aifactory.home import FactoryHome
+    from aifactory.jobs import Client, JobRecord
+    from aifactory.tenancy import (
+        UNATTRIBUTED, JobTags, SLOClass, TenantRef, WorkloadKind, job_metadata, tags_from_metadata,
+    )

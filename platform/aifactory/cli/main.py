@@ -1,0 +1,47 @@
+"""``factory``: the command-line front of the aifactory library."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from aifactory.exceptions import FactoryError
+
+# Verb groups, each a module with ``register(subparsers)``; order is the order of `factory --help`.
+COMMAND_MODULES = [
+    "aifactory.cli.cluster",
+    "aifactory.cli.jobs",
+    "aifactory.cli.run",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="factory",
+        description="aifactory: data, training, serving and benchmarks on one Ray cluster, "
+        "with per-tenant cost accounting.",
+    )
+    parser.add_argument("--home", help="factory home (default: $AIFACTORY_HOME or ~/.aifactory)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

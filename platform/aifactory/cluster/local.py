@@ -1,0 +1,254 @@
+"""A local Ray head on 127.0.0.1, started and stopped by ``factory up`` / ``factory down``.
+
+``up`` is idempotent: a second call finds the running head and returns it. ``down`` stops only the
+processes of the cluster this home started (found by its temp dir), never other Ray clusters on the
+host (``ray stop`` would kill them all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from aifactory.cluster.connect import LOOPBACK, auth_headers, ensure_token, ray_env, token_path
+from aifactory.exceptions import ClusterError
+from aifactory.home import FactoryHome
+
+
+class ClusterState(BaseModel):
+    """What ``factory up`` recorded about the head it started (``<home>/cluster/cluster.json``)."""
+
+    gcs_address: str
+    dashboard_url: str
+    metrics_export_port: int
+    temp_dir: str
+    num_cpus: int
+    num_gpus: int
+    serve_ingress: str
+    token_path: str
+    started_at: float
+    ray_version: str
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+            return True
+        except OSError:
+            return False
+
+
+def _ray_executable() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("ray")
+    if not found:
+        raise ClusterError("the `ray` command is not installed in this environment; run `make test` or pip install -e .")
+    return found
+
+
+class LocalCluster:
+    """The local head of one factory home."""
+
+    def __init__(self, home: FactoryHome):
+        self.home = home
+        self.state_path = home.cluster_dir / "cluster.json"
+
+    @property
+    def temp_dir(self) -> str:
+        # Ray's unix socket paths must stay short (~107 bytes), so the temp dir lives in /tmp, keyed by home.
+        key = hashlib.sha256(str(self.home.root).encode()).hexdigest()[:10]
+        return os.path.join(os.environ.get("AIFACTORY_RAY_TMPDIR", "/tmp"), f"aifactory-{key}")
+
+    def _headers(self) -> dict[str, str]:
+        # This home's head always uses this home's token, whatever RAY_AUTH_TOKEN_PATH says.
+        return auth_headers({"RAY_AUTH_TOKEN_PATH": str(token_path(self.home))})
+
+    def state(self) -> ClusterState | None:
+        try:
+            return ClusterState.model_validate_json(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def is_alive(self, state: ClusterState, timeout_s: float = 2.0) -> bool:
+        req = urllib.request.Request(f"{state.dashboard_url}/api/version", headers=self._headers())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def up(
+        self,
+        *,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        gcs_port: int = 6379,
+        dashboard_port: int = 8265,
+        metrics_export_port: int = 8080,
+        serve_ingress: str = "haproxy",
+        object_store_memory: int | None = None,
+        timeout_s: float = 90.0,
+    ) -> tuple[ClusterState, bool]:
+        """Start the head if it is not running. Returns ``(state, started)``."""
+        existing = self.state()
+        if existing is not None and self.is_alive(existing):
+            return existing, False
+        if existing is not None:  # stale: a crashed head or a reboot
+            self._kill_processes(existing.temp_dir)
+            self.state_path.unlink(missing_ok=True)
+        if serve_ingress not in ("haproxy", "python"):
+            raise ClusterError(f"serve_ingress must be 'haproxy' or 'python', got {serve_ingress!r}")
+        busy = [p for p in (gcs_port, dashboard_port, metrics_export_port) if not _port_free(p)]
+        if busy:
+            raise ClusterError(
+                f"port(s) {busy} on {LOOPBACK} are in use by another program or Ray cluster; "
+                "pick others with --port / --dashboard-port / --metrics-port"
+            )
+        self.home.ensure()
+        ensure_token(self.home)
+        env = ray_env(self.home)
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(token_path(self.home))
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.pop("RAY_ADDRESS", None)
+        if serve_ingress == "haproxy":
+            env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        cpus = num_cpus or max(4, os.cpu_count() or 2)
+        gpus = num_gpus if num_gpus is not None else _detect_gpus()
+        cmd = [
+            _ray_executable(), "start", "--head",
+            f"--node-ip-address={LOOPBACK}",
+            f"--port={gcs_port}",
+            f"--dashboard-host={LOOPBACK}",
+            f"--dashboard-port={dashboard_port}",
+            f"--metrics-export-port={metrics_export_port}",
+            f"--num-cpus={cpus}",
+            f"--num-gpus={gpus}",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
+        if object_store_memory:
+            cmd.append(f"--object-store-memory={object_store_memory}")
+        log = self.home.cluster_dir / "ray-start.log"
+        with open(log, "w") as out:
+            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise ClusterError(f"`ray start` failed (exit {proc.returncode}); see {log}")
+        import ray
+
+        state = ClusterState(
+            gcs_address=f"{LOOPBACK}:{gcs_port}",
+            dashboard_url=f"http://{LOOPBACK}:{dashboard_port}",
+            metrics_export_port=metrics_export_port,
+            temp_dir=self.temp_dir,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            serve_ingress=serve_ingress,
+            token_path=str(token_path(self.home)),
+            started_at=time.time(),
+            ray_version=ray.__version__,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.is_alive(state):
+            if time.monotonic() > deadline:
+                self._kill_processes(state.temp_dir)
+                raise ClusterError(f"the Ray head did not answer at {state.dashboard_url} within {timeout_s:.0f} s; see {log}")
+            time.sleep(0.5)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(state.model_dump_json(indent=2))
+        tmp.replace(self.state_path)
+        return state, True
+
+    def down(self, timeout_s: float = 20.0) -> bool:
+        """Stop this home's head and its workers. Returns whether anything was running."""
+        state = self.state()
+        if state is None:
+            return bool(self._kill_processes(self.temp_dir, timeout_s))
+        killed = self._kill_processes(state.temp_dir, timeout_s)
+        self.state_path.unlink(missing_ok=True)
+        return killed > 0
+
+    @staticmethod
+    def _kill_processes(temp_dir: str, timeout_s: float = 20.0) -> int:
+        """Terminate every process whose command line names ``temp_dir``, with all their children."""
+        import psutil
+
+        marker = temp_dir.rstrip("/") + "/"
+        roots = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(marker in arg or arg.endswith(temp_dir) for arg in proc.info["cmdline"] or []):
+                    roots.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        procs = set(roots)
+        for root in roots:
+            try:
+                procs.update(root.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        procs.discard(psutil.Process())
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(list(procs), timeout=timeout_s / 2)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=timeout_s / 2)
+        return len(procs)
+
+    def resources(self, state: ClusterState, timeout_s: float = 10.0) -> dict[str, dict[str, float]]:
+        """Total and used resources (CPU, GPU, memory_gib, custom), from the dashboard's cluster status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            req = urllib.request.Request(f"{state.dashboard_url}/api/cluster_status", headers=self._headers())
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                body = json.loads(resp.read())
+            report = body.get("data", {}).get("clusterStatus", {}).get("loadMetricsReport", {})
+            usage = report.get("usage") or {}
+            if usage or time.monotonic() > deadline:  # the first report arrives a few seconds after start
+                break
+            time.sleep(0.5)
+        total: dict[str, float] = {}
+        used: dict[str, float] = {}
+        for key, (in_use, cap) in usage.items():
+            if key.startswith("node:") or key in ("objectStoreMemory", "object_store_memory"):
+                continue
+            name, scale = ("memory_gib", 1 / 2**30) if key == "memory" else (key, 1.0)
+            total[name] = round(float(cap) * scale, 2)
+            used[name] = round(float(in_use) * scale, 2)
+        return {"total": total, "used": used}
+
+
+def _detect_gpus() -> int:
+    """Number of NVIDIA GPUs through NVML; 0 where no driver is present."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded on CPU machines: no GPUs
+        return 0

@@ -1,0 +1,150 @@
+"""The factory's domain errors.
+
+A user's mistake raises a :class:`FactoryError` subclass whose message says what was wrong, where, and
+what to do. The CLI prints ``str(error)`` on one line and exits non-zero without a traceback.
+
+Errors that carry fields define ``__reduce__`` so that they survive crossing Ray process boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class FactoryError(Exception):
+    """Base class of every error the factory raises on purpose."""
+
+    exit_code: int = 1
+
+    def __reduce__(self):
+        return (self.__class__, self.args)
+
+
+class ConfigError(FactoryError, ValueError):
+    """A configuration (YAML, JSON, CLI flags) failed validation.
+
+    ``problems`` lists every problem found, each as ``"<field>: <what is wrong>"``, so that a user fixes
+    them all in one go.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: Sequence[str]):
+        self.source = source
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(f"invalid {source}: {self.problems[0]}")
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            super().__init__(f"invalid {source}: {len(self.problems)} problems\n{lines}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.source, self.problems))
+
+
+class InvalidTenant(ConfigError):
+    """A tenant, project or cost-center name breaks the naming rules."""
+
+
+class ClusterError(FactoryError):
+    """The Ray cluster could not be reached, started or stopped."""
+
+
+class ClusterUnreachable(ClusterError):
+    def __init__(self, address: str, reason: str = ""):
+        self.address = address
+        self.reason = reason
+        hint = "start one with `factory up`, or pass --address / set RAY_ADDRESS"
+        detail = f" ({reason})" if reason else ""
+        super().__init__(f"no Ray cluster answers at {address}{detail}: {hint}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.address, self.reason))
+
+
+class JobNotFound(FactoryError):
+    def __init__(self, job_id: str, address: str):
+        self.job_id = job_id
+        self.address = address
+        super().__init__(f"no job {job_id!r} on the cluster at {address}; `factory jobs` lists the jobs")
+
+    def __reduce__(self):
+        return (self.__class__, (self.job_id, self.address))
+
+
+class QuotaExceeded(FactoryError):
+    """Work would take a tenant over a resource quota."""
+
+    def __init__(self, tenant: str, resource: str, requested: float, limit: float, in_use: float = 0.0):
+        self.tenant = tenant
+        self.resource = resource
+        self.requested = requested
+        self.limit = limit
+        self.in_use = in_use
+        super().__init__(
+            f"QuotaExceeded(tenant={tenant!r}, resource={resource!r}, requested={requested:g}, "
+            f"in_use={in_use:g}, limit={limit:g}): ask an admin to raise the quota or wait for running work"
+        )
+
+    def __reduce__(self):
+        return (self.__class__, (self.tenant, self.resource, self.requested, self.limit, self.in_use))
+
+
+class BudgetExceeded(FactoryError):
+    """A tenant is over its hard budget for the current period."""
+
+    def __init__(self, tenant: str, period: str, spent_usd: float, limit_usd: float):
+        self.tenant = tenant
+        self.period = period
+        self.spent_usd = spent_usd
+        self.limit_usd = limit_usd
+        super().__init__(
+            f"BudgetExceeded(tenant={tenant!r}, period={period!r}, spent_usd={spent_usd:.4f}, "
+            f"limit_usd={limit_usd:.4f}): no new work is admitted until the budget is raised or the period ends"
+        )
+
+    def __reduce__(self):
+        return (self.__class__, (self.tenant, self.period, self.spent_usd, self.limit_usd))
+
+
+class DataError(FactoryError):
+    """A dataset, shard or manifest is missing, corrupt or breaks its contract."""
+
+
+class ContractViolation(DataError):
+    """Data breaks a rule of its dataset contract; names the file and the rule."""
+
+    def __init__(self, path: str, rule: str, detail: str):
+        self.path = path
+        self.rule = rule
+        self.detail = detail
+        super().__init__(f"{path}: contract rule {rule!r} broken: {detail}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.path, self.rule, self.detail))
+
+
+class NotFound(FactoryError):
+    """A named thing (dataset version, model version, run, deployment) does not exist."""
+
+    def __init__(self, kind: str, name: str, hint: str = ""):
+        self.kind = kind
+        self.name = name
+        self.hint = hint
+        super().__init__(f"no {kind} {name!r}" + (f": {hint}" if hint else ""))
+
+    def __reduce__(self):
+        return (self.__class__, (self.kind, self.name, self.hint))
+
+
+class IntegrityError(FactoryError):
+    """An artifact's digest or signature does not match its manifest."""
+
+    def __init__(self, path: str, expected: str, actual: str):
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{path}: integrity check failed (expected {expected}, found {actual}); refusing to load it")
+
+    def __reduce__(self):
+        return (self.__class__, (self.path, self.expected, self.actual))

@@ -1,0 +1,39 @@
+"""The stages of ``factory run``, in order. Each capability adds its stage here."""
+
+from __future__ import annotations
+
+import sys
+
+from aifactory.pipeline.runner import RunContext, Stage, StageResult
+from aifactory.tenancy import WorkloadKind
+
+
+def smoke_job(ctx: RunContext) -> StageResult:
+    """Submit a tiny job through the Job API, tagged with the tenant, and read its attribution back."""
+    from aifactory.jobs import Client
+
+    client = Client(address=ctx.address, tenant=ctx.tenant, home=ctx.home)
+    job_id = client.submit(
+        [sys.executable, "-c", "import ray; ray.init(); print('smoke ok', ray.cluster_resources().get('CPU'))"],
+        workload=WorkloadKind.OTHER,
+        num_cpus=0.25,
+    )
+    record = client.wait(job_id, timeout_s=120)
+    attributed = any(r.id == job_id and r.tenant == ctx.tenant.tenant for r in client.list(tenant=ctx.tenant.tenant))
+    ok = record.status == "SUCCEEDED" and attributed
+    return StageResult(
+        ok=ok,
+        summary={
+            "job": job_id,
+            "status": record.status,
+            "tenant": record.tenant,
+            "seconds": round(record.duration_s or 0.0, 1),
+        },
+        note="" if ok else f"(status {record.status}, attributed={attributed})",
+    )
+
+
+def default_stages() -> list[Stage]:
+    return [
+        Stage("smoke-job", "a tenant-tagged job through Ray's Job API", smoke_job, expected_s=8),
+    ]

@@ -1,0 +1,85 @@
+"""One real local Ray cluster for the whole integration session, started with `factory up`.
+
+``factory_cluster`` runs the real CLI (`factory up`) against a private factory home with free loopback
+ports, and `factory down` at the end. ``ray_driver`` connects this pytest process to it as a driver for
+tests that use Ray Data, Train, Serve or Tune directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+FACTORY = [str(Path(sys.executable).parent / "factory")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_factory(*args: str, home: str | None = None, check: bool = True, timeout: float = 180,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ if env is None else env)
+    if home:
+        full_env["AIFACTORY_HOME"] = home
+    proc = subprocess.run([*FACTORY, *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"factory {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass(frozen=True)
+class FactoryCluster:
+    home: str
+    gcs_address: str
+    dashboard_url: str
+    metrics_port: int
+    token_path: str
+
+    def env(self) -> dict[str, str]:
+        """Environment for a Ray client of this cluster (e.g. the real `ray job submit`)."""
+        env = dict(os.environ)
+        env.update(AIFACTORY_HOME=self.home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path)
+        return env
+
+
+@pytest.fixture(scope="session")
+def factory_cluster() -> FactoryCluster:
+    home = os.environ["AIFACTORY_HOME"]
+    ports = {"port": free_port(), "dashboard-port": free_port(), "metrics-port": free_port()}
+    args = ["up", "--num-cpus", "6", "--object-store-memory", "768MiB", "--serve-ingress", "python", "--format", "json"]
+    for k, v in ports.items():
+        args += [f"--{k}", str(v)]
+    out = json.loads(run_factory(*args, home=home).stdout)
+    cluster = FactoryCluster(
+        home=home,
+        gcs_address=out["address"],
+        dashboard_url=out["dashboard"],
+        metrics_port=ports["metrics-port"],
+        token_path=out["token"],
+    )
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = cluster.token_path
+    yield cluster
+    run_factory("down", home=home, check=False)
+
+
+@pytest.fixture(scope="session")
+def ray_driver(factory_cluster):
+    """This pytest process as a Ray driver of the session cluster."""
+    import ray
+
+    ray.init(address=factory_cluster.gcs_address, logging_level="WARNING", log_to_driver=False)
+    yield factory_cluster
+    ray.shutdown()
