@@ -148,3 +148,11 @@ class IntegrityError(FactoryError):
 
     def __reduce__(self):
         return (self.__class__, (self.path, self.expected, self.actual))
+
+
+class AuthenticationError(FactoryError):
+    """A request carried no API key, or one that is unknown, revoked or malformed (HTTP 401)."""
+
+
+class PermissionDenied(FactoryError):
+    """An authenticated caller may not do this (HTTP 403; cross-tenant reads answer 404 instead)."""
