@@ -1,0 +1,238 @@
+"""A small decoder-only transformer (GPT-style) with an optional KV cache for incremental decoding.
+
+Pre-norm blocks (LayerNorm -> causal self-attention -> residual, LayerNorm -> MLP -> residual), learned
+absolute positions, attention through ``torch.nn.functional.scaled_dot_product_attention``. Each
+:class:`Block` is a separate module so that FSDP2 can shard the model block by block
+(``aifactory.train.parallel``).
+
+Incremental decoding::
+
+    cache = model.new_kv_cache(batch_size=1)
+    logits = model(prompt, kv_cache=cache, start_pos=0)             # prefill
+    logits = model(next_token, kv_cache=cache, start_pos=prompt_len)  # one step
+
+gives the same logits as one full forward over the concatenated sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from aifactory.config import StrictModel
+
+
+class GPTConfig(StrictModel):
+    """Shape of a :class:`GPT`. The defaults are the tiny model that trains in minutes on 2 CPU cores."""
+
+    vocab_size: int = Field(default=259, ge=2, description="Token ids are 0..vocab_size-1 (259 for the byte tokenizer).")
+    seq_len: int = Field(default=128, ge=1, le=1 << 16, description="Longest sequence (positions) the model handles.")
+    d_model: int = Field(default=128, ge=8, description="Width of the residual stream.")
+    n_layers: int = Field(default=2, ge=1, le=256, description="Number of transformer blocks.")
+    n_heads: int = Field(default=4, ge=1, description="Attention heads per block; must divide d_model.")
+    d_ff: int = Field(default=512, ge=8, description="Hidden width of each block's MLP.")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on attention and residual branches.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must divide d_model ({self.d_model}); "
+                f"e.g. n_heads={_largest_divisor(self.d_model, self.n_heads)}"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameter count, computed from the shape (matches ``sum(p.numel())`` of :class:`GPT`)."""
+        d, f = self.d_model, self.d_ff
+        per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+        n = self.n_layers * per_block + 2 * d + (self.vocab_size * d + self.vocab_size)
+        if embeddings:
+            n += self.vocab_size * d + self.seq_len * d
+        return n
+
+    def train_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 * non-embedding params + attention.
+
+        The PaLM appendix B estimate: ``6N + 12 * n_layers * d_model * seq_len`` (the attention score and
+        value products, forward and backward). Used for MFU.
+        """
+        t = seq_len or self.seq_len
+        return 6.0 * self.num_params(embeddings=False) + 12.0 * self.n_layers * self.d_model * t
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(k for k in range(1, min(n, at_most) + 1) if n % k == 0)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values per layer: ``(B, n_heads, max_len, head_dim)`` each."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, *, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = None
+        is_causal = t > 1
+        if cache is not None:
+            k_cache, v_cache = cache
+            end = start_pos + t
+            k_cache[:, :, start_pos:end] = k.to(k_cache.dtype)
+            v_cache[:, :, start_pos:end] = v.to(v_cache.dtype)
+            k, v = k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype)
+            if start_pos > 0 and t > 1:
+                # Query i sits at absolute position start_pos + i and may see keys 0..start_pos + i;
+                # is_causal would align the mask to the top-left corner instead.
+                rows = torch.arange(start_pos, end, device=x.device)[:, None]
+                mask = torch.arange(end, device=x.device)[None, :] <= rows
+                is_causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: the unit FSDP2 shards."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, *, cache=None, start_pos: int = 0):
+        x = x + self.attn(self.ln1(x), cache=cache, start_pos=start_pos)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: ``forward(idx (B, T) int64) -> logits (B, T, vocab_size)``."""
+
+    def __init__(self, config: GPTConfig | dict):
+        super().__init__()
+        cfg = config if isinstance(config, GPTConfig) else GPTConfig.model_validate(config)
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 * n_layers) to keep the stream's variance."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                # LayerNorm weights stay 1; biases start at 0.
+                nn.init.ones_(p) if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else nn.init.zeros_(p)
+            else:
+                std = 0.02
+                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                    std /= math.sqrt(2 * self.config.n_layers)
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def new_kv_cache(
+        self, batch_size: int, *, max_len: int | None = None, device=None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        cfg = self.config
+        max_len = max_len or cfg.seq_len
+        if max_len > cfg.seq_len:
+            raise ValueError(f"max_len ({max_len}) exceeds the model's seq_len ({cfg.seq_len})")
+        ref = self.head.weight
+        shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        mk = lambda: torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype)  # noqa: E731
+        return KVCache(keys=[mk() for _ in range(cfg.n_layers)], values=[mk() for _ in range(cfg.n_layers)])
+
+    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        b, t = idx.shape
+        limit = kv_cache.max_len if kv_cache is not None else self.config.seq_len
+        if start_pos < 0 or start_pos + t > limit:
+            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} do not fit in {limit} (seq_len/cache length)")
+        if kv_cache is None and start_pos:
+            raise ValueError("start_pos needs a kv_cache (without one the sequence always starts at 0)")
+        pos = torch.arange(start_pos, start_pos + t, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.blocks):
+            cache = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None else None
+            x = block(x, cache=cache, start_pos=start_pos)
+        return self.head(self.ln_f(x))
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend ``idx`` (B, T) by up to ``max_new_tokens`` (greedy when temperature is 0), with the KV cache."""
+        b, t = idx.shape
+        total = min(t + max_new_tokens, self.config.seq_len)
+        cache = self.new_kv_cache(b, max_len=total, device=idx.device)
+        logits = self(idx, kv_cache=cache, start_pos=0)[:, -1]
+        out = [idx]
+        for pos in range(t, total):
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator)
+            out.append(nxt)
+            if pos + 1 < total:
+                logits = self(nxt, kv_cache=cache, start_pos=pos)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def load_gpt(weights_path: str, model_config: dict, *, device: str = "cpu") -> GPT:
+    """A :class:`GPT` with the consolidated weights of a registry version (``torch.save`` of a state_dict)."""
+    model = GPT(GPTConfig.model_validate(model_config))
+    state = torch.load(weights_path, map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
