@@ -225,3 +225,32 @@ def test_audit_record_validates_and_parse_since():
     assert audit.parse_since("12345") == 12345.0
     with pytest.raises(ConfigError, match="--since"):
         audit.parse_since("yesterday-ish")
+
+
+# ---- the registry signs at registration and verifies before loading -------------------------------
+
+def test_registry_signs_versions_and_refuses_tampering(tmp_path, home):
+    from aifactory.registry import ModelRegistry
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"\x01" * 4096)
+    reg = ModelRegistry(home)
+    mv = reg.register("tiny", weights_path=str(weights), model_config={"d_model": 8},
+                      manifest={"tenant": "search", "run_id": "r1"})
+    assert mv.extra["signature"]["algorithm"] == "ed25519"
+    reg.verify(reg.get("tiny", mv.version))
+
+    record = tmp_path / "home" / "registry" / "tiny" / mv.version / "version.json"
+    original = record.read_text()
+    data = json.loads(original)
+    data["manifest"]["tenant"] = "ads"  # someone re-labels the model's owner
+    record.write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="signature"):
+        reg.verify(reg.get("tiny", mv.version))
+
+    record.write_text(original)
+    reg.verify(reg.get("tiny", mv.version))
+    with open(mv.weights_path, "r+b") as f:  # one flipped byte in the weights
+        f.write(b"\x02")
+    with pytest.raises(IntegrityError):
+        reg.verify(reg.get("tiny", mv.version))

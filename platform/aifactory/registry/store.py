@@ -70,6 +70,15 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _signed(home: FactoryHome, record: ModelVersion) -> ModelVersion:
+    """``record`` with the factory's ed25519 signature of its manifest in ``extra["signature"]``."""
+    from aifactory.security.signing import sign_model
+
+    sig = sign_model(home, name=record.name, version=record.version, sha256=record.sha256,
+                     model_config=record.model_config, manifest=record.manifest)
+    return ModelVersion(**(record.to_dict() | {"extra": {**record.extra, "signature": sig}}))
+
+
 def _version_number(version: str) -> int:
     m = _VERSION_RE.match(version)
     return int(m.group(1)) if m else 0
@@ -80,6 +89,9 @@ class ModelRegistry:
 
     def __init__(self, home: FactoryHome | str | Path):
         self.location = home.registry if isinstance(home, FactoryHome) else str(home)
+        # The factory's signing key lives under the home (aifactory.security.signing), even when the
+        # registry itself is a URI or a bare path.
+        self._home = home if isinstance(home, FactoryHome) else FactoryHome.from_env()
         self._fs, self._root = filesystem(self.location)
         self._local = not is_uri(self.location)
 
@@ -142,6 +154,7 @@ class ModelRegistry:
                     servable=servable,
                     size_bytes=size,
                 )
+                record = _signed(self._home, record)
                 if self._commit(staging, self._join(name, version), record):
                     return record
             raise RuntimeError(f"could not allocate a version for {name!r}")  # pragma: no cover
@@ -241,7 +254,12 @@ class ModelRegistry:
         return servable[-1]
 
     def verify(self, mv: ModelVersion) -> ModelVersion:
-        """Re-hash the weights; raise IntegrityError when they no longer match the registered digest."""
+        """Check the manifest's signature, then re-hash the weights; raise IntegrityError on any mismatch."""
+        from aifactory.security.signing import model_document, verify_document
+
+        doc = model_document(name=mv.name, version=mv.version, sha256=mv.sha256, model_config=mv.model_config,
+                             manifest=mv.manifest)
+        verify_document(self._home, doc, mv.extra.get("signature"), where=f"model {mv.ref} ({RECORD})")
         try:
             actual = sha256_file(mv.weights_path)
         except (FileNotFoundError, OSError):
