@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from aifactory import audit
 from aifactory.cluster.connect import ClusterAddress, apply_ray_env, resolve_address
 from aifactory.config import config_hash as _config_hash
 from aifactory.exceptions import ClusterUnreachable, FactoryError, JobNotFound
@@ -66,8 +67,11 @@ class Client:
         *,
         home: FactoryHome | None = None,
         admission: Sequence[AdmissionCheck] = (),
+        actor: str | None = None,
     ):
         self.home = home or FactoryHome.from_env()
+        # Who the audit log names for submissions and stops: the OS user, or the control API's caller.
+        self.actor = actor or whoami()
         if isinstance(tenant, str):
             tenant = TenantRef(tenant=tenant, project=project)
         self.tenant = tenant
@@ -117,7 +121,7 @@ class Client:
             config_hash=_config_hash(config) if config is not None else None,
             code_version=code.sha,
             code_dirty=code.dirty,
-            submitted_by=whoami(),
+            submitted_by=self.actor,
             extra=extra_metadata,
         )
         env = dict(runtime_env or {})
@@ -132,7 +136,7 @@ class Client:
         if memory_bytes is not None:
             kwargs["entrypoint_memory"] = int(memory_bytes)
         try:
-            return self._jobs.submit_job(
+            job_id = self._jobs.submit_job(
                 entrypoint=entrypoint,
                 metadata=meta,
                 runtime_env=env or None,
@@ -141,6 +145,10 @@ class Client:
             )
         except (ConnectionError, OSError) as err:
             raise ClusterUnreachable(self.address.dashboard_url, _first_line(err)) from None
+        audit.record(self.home, actor=self.actor, action="job.submit", target=job_id, tenant=self.tenant.tenant,
+                     detail={"project": self.tenant.project, "workload": WorkloadKind(workload).value,
+                             "entrypoint": entrypoint[:500], "resources": resources})
+        return job_id
 
     def list(self, tenant: str | None = None) -> list[JobRecord]:
         """Every job on the cluster, newest first; only ``tenant``'s when given."""
@@ -175,7 +183,11 @@ class Client:
         record = self.get(job_id)
         if record.type != "SUBMISSION":
             raise FactoryError(f"job {job_id} is a driver script; stop it where it runs")
-        return bool(self._jobs.stop_job(record.id))
+        stopped = bool(self._jobs.stop_job(record.id))
+        if stopped:  # a job that had already ended was not stopped by anyone: nothing to audit
+            audit.record(self.home, actor=self.actor, action="job.stop", target=record.id, tenant=record.tenant,
+                         detail={})
+        return stopped
 
     def wait(self, job_id: str, *, timeout_s: float = 600.0, poll_s: float = 0.5) -> JobRecord:
         """Block until the job reaches a terminal status; returns its final record."""
