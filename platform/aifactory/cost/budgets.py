@@ -1,0 +1,124 @@
+"""Per-tenant budgets (period, soft and hard USD limits) and quotas (concurrent CPUs/GPUs).
+
+Configured in ``<home>/budgets.yaml``::
+
+    tenants:
+      search:
+        budget: {period: month, soft_usd: 80, hard_usd: 100}
+        quota: {cpu: 8, gpu: 2}
+
+A tenant without an entry has no limits. Spending is read from the ledger and priced with the price
+book; concurrent holdings come from the collector's live table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from aifactory.config import StrictModel, parse_config, read_yaml
+from aifactory.cost.pricebook import PriceBook
+from aifactory.cost.pricing import price
+from aifactory.tenancy import TenantName
+
+Period = Literal["day", "week", "month"]
+
+
+class Budget(StrictModel):
+    period: Period = Field(default="month", description="Budget period, in UTC: day, week (Monday) or month.")
+    soft_usd: float | None = Field(default=None, ge=0, description="Alert (log line + metric) above this spend.")
+    hard_usd: float | None = Field(default=None, ge=0, description="Refuse new work at or above this spend.")
+
+    @model_validator(mode="after")
+    def _order(self) -> Budget:
+        if self.soft_usd is not None and self.hard_usd is not None and self.soft_usd > self.hard_usd:
+            raise ValueError(f"soft_usd ({self.soft_usd}) must not exceed hard_usd ({self.hard_usd})")
+        return self
+
+
+class Quota(StrictModel):
+    cpu: float | None = Field(default=None, ge=0, description="Most CPUs the tenant may hold at once.")
+    gpu: float | None = Field(default=None, ge=0, description="Most GPUs the tenant may hold at once.")
+
+
+class TenantLimits(StrictModel):
+    budget: Budget | None = Field(default=None, description="Spending limits per period.")
+    quota: Quota | None = Field(default=None, description="Concurrent resource limits.")
+
+
+class BudgetsConfig(StrictModel):
+    tenants: dict[TenantName, TenantLimits] = Field(default_factory=dict, description="Limits by tenant.")
+    live_max_age_s: float = Field(
+        default=120.0, gt=0, description="Holdings older than this are stale: quotas then check the request alone."
+    )
+
+
+def budgets_path(home) -> str:
+    return str(home.root / "budgets.yaml")
+
+
+def load_budgets(home) -> BudgetsConfig:
+    path = home.root / "budgets.yaml"
+    if not path.is_file():
+        return BudgetsConfig()
+    return parse_config(BudgetsConfig, read_yaml(path), source=str(path))
+
+
+def save_budgets(home, config: BudgetsConfig) -> None:
+    import yaml
+
+    home.root.mkdir(parents=True, exist_ok=True)
+    (home.root / "budgets.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True),
+                                                           sort_keys=True))
+
+
+def period_start(period: Period, now: float) -> float:
+    d = _dt.datetime.fromtimestamp(now, tz=_dt.timezone.utc)
+    day = d.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        start = day
+    elif period == "week":
+        start = day - _dt.timedelta(days=day.weekday())
+    else:
+        start = day.replace(day=1)
+    return start.timestamp()
+
+
+def spent_usd(ledger, book: PriceBook, tenant: str, since: float) -> float:
+    """USD the tenant spent in windows ending after ``since`` (a window straddling ``since`` counts pro rata)."""
+    total = 0.0
+    for r in ledger.usage(since=since, tenant=tenant):
+        usd = price(r, book).usd
+        if r.window_start < since:
+            usd *= (r.window_end - since) / (r.window_end - r.window_start)
+        total += usd
+    return total
+
+
+def budget_status(home, *, ledger=None, book: PriceBook | None = None, now: float | None = None) -> list[dict]:
+    """One row per tenant with a budget: period, spent, soft and hard limits, remaining."""
+    from aifactory.cost.ledger import Ledger
+    from aifactory.cost.pricebook import load_price_book
+
+    cfg = load_budgets(home)
+    ledger = ledger or Ledger.of(home)
+    book = book or load_price_book(home=home)
+    now = time.time() if now is None else now
+    rows = []
+    for tenant, limits in sorted(cfg.tenants.items()):
+        b = limits.budget
+        if b is None:
+            continue
+        spent = spent_usd(ledger, book, tenant, period_start(b.period, now))
+        limit = b.hard_usd if b.hard_usd is not None else b.soft_usd
+        rows.append({
+            "tenant": tenant, "period": b.period, "spent_usd": round(spent, 6),
+            "soft_usd": b.soft_usd, "hard_usd": b.hard_usd,
+            "remaining_usd": None if limit is None else round(limit - spent, 6),
+            "state": ("over-hard" if b.hard_usd is not None and spent >= b.hard_usd
+                      else "over-soft" if b.soft_usd is not None and spent >= b.soft_usd else "ok"),
+        })
+    return rows

@@ -1,0 +1,71 @@
+"""Usage records: what the collector writes to the ledger and what pricing reads.
+
+A record says "holder H of tenant T held ``quantity`` resource-seconds of resource R (SKU S) during
+window W". Its ``key`` is a deterministic function of the window and the holder, so writing the same
+window twice (a collector restarted after a crash) is a no-op in the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Resource(str, enum.Enum):
+    CPU = "cpu"
+    GPU = "gpu"
+    MEMORY = "memory"  # GiB
+    ASIC = "asic"
+
+
+class PricingClass(str, enum.Enum):
+    ON_DEMAND = "on-demand"
+    RESERVED = "reserved"
+
+
+# SKU of resources that have no accelerator type.
+SKU_CPU = "cpu"
+SKU_MEMORY = "gib"
+SKU_UNKNOWN_GPU = "unknown-gpu"
+
+
+class UsageRecord(BaseModel):
+    """Allocated (and, where measurable, used) resource-seconds of one holder in one window."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    window_start: float = Field(description="Window start, Unix seconds.")
+    window_end: float = Field(description="Window end, Unix seconds (exclusive).")
+    tenant: str = Field(description="Tenant, or 'unattributed' / 'idle'.")
+    project: str = Field(default="default", description="Project within the tenant.")
+    workload: str = Field(default="other", description="WorkloadKind value of the holder's job.")
+    job_id: str = Field(default="", description="Ray job id (hex) or submission id; '' for idle.")
+    deployment: str = Field(default="", description="'app/deployment' for Serve replicas, else ''.")
+    holder: str = Field(default="", description="Stable id of what held the resource (job, actor, task, pg).")
+    resource: Resource = Field(description="Which resource: cpu, gpu, memory (GiB) or asic.")
+    sku: str = Field(description="Price-book SKU: 'cpu', 'gib', or the accelerator type (H100, L4, ...).")
+    region: str = Field(default="local", description="Price-book region of the node.")
+    pricing_class: PricingClass = Field(default=PricingClass.ON_DEMAND, description="Reserved or on-demand.")
+    quantity_s: float = Field(ge=0, description="Allocated resource-seconds (CPU-s, GPU-s, GiB-s).")
+    used_s: float | None = Field(default=None, ge=0, description="Used resource-seconds; None = unknown.")
+
+    @model_validator(mode="after")
+    def _window(self) -> UsageRecord:
+        if self.window_end <= self.window_start:
+            raise ValueError(f"window_end ({self.window_end}) must be after window_start ({self.window_start})")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Idempotency key: same window + holder + resource -> same key."""
+        parts = (
+            f"{self.window_start:.3f}", f"{self.window_end:.3f}", self.tenant, self.project, self.job_id,
+            self.deployment, self.holder, self.resource.value, self.sku, self.region, self.pricing_class.value,
+        )
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    @property
+    def hours(self) -> float:
+        return self.quantity_s / 3600.0
