@@ -282,7 +282,7 @@ def ingest(
         (writer or ray_writer)(by_split, fs=store.fs, out=pending.path, seq_len=cfg.seq_len, rows_per_file=rows_per_shard(cfg))
         rels = {s: _normalise_names(pending, s) for s in SPLITS}
         log(f"ingest: wrote {sum(map(len, rels.values()))} shards in {time.monotonic() - t0:.1f}s; checksumming")
-        stats = _all_stats(pending.uri, rels, tok.vocab_size, parallel=writer is None)
+        stats = _all_stats(pending.uri, rels, tok.vocab_size)
         manifest = _manifest(version, plan, cfg, tok, tenant, by_split, stats, parent)
         if parent is not None:
             drift = check_drift(manifest, parent.manifest, where=join(pending.uri, "manifest.json"))
@@ -295,14 +295,14 @@ def ingest(
     return IngestResult(published, cache_hit=pending.raced, seconds=time.monotonic() - t0)
 
 
-def _all_stats(uri: str, rels: dict[str, list[str]], vocab_size: int, *, parallel: bool):
-    jobs = [(rel, split) for split, rs in rels.items() for rel in rs]
-    if not parallel:
-        return [shard_stats(uri, rel, split, vocab_size) for rel, split in jobs]
-    import ray
+def _all_stats(uri: str, rels: dict[str, list[str]], vocab_size: int):
+    # Threads, not Ray tasks: hashing and Parquet decoding release the GIL, and the driver must be able
+    # to reach the store anyway (it writes the manifest); tasks would only add scheduling latency.
+    from concurrent.futures import ThreadPoolExecutor
 
-    remote = ray.remote(num_cpus=0.5)(shard_stats)
-    return ray.get([remote.remote(uri, rel, split, vocab_size) for rel, split in jobs])
+    jobs = [(rel, split) for split, rs in rels.items() for rel in rs]
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
+        return list(pool.map(lambda job: shard_stats(uri, job[0], job[1], vocab_size), jobs))
 
 
 def _manifest(version, plan, cfg, tok, tenant, by_split, stats, parent) -> DatasetManifest:
