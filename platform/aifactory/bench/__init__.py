@@ -1,0 +1,11 @@
+"""Benchmarks on Ray Tune: sweep specs, repeated trials, confidence intervals, cost per useful outcome.
+
+- :mod:`~aifactory.bench.spec`: typed sweep specs (grid of knobs x repeats, trial kind, tenant).
+- :mod:`~aifactory.bench.runner`: ``run_sweep`` runs a spec as Tune trials on the connected cluster.
+- :mod:`~aifactory.bench.trials`: the trial kinds (serving under load, training to a quality target).
+- :mod:`~aifactory.bench.stats`, :mod:`~aifactory.bench.analysis`: CIs, MLPerf aggregation, Pareto, SLO pick.
+- :mod:`~aifactory.bench.results`: versioned records under the factory home.
+- :mod:`~aifactory.bench.compare`, :mod:`~aifactory.bench.report`: regressions; Markdown + PNG reports.
+
+Importing this package is light; Ray, Tune, Serve and torch load where they are used.
+"""

@@ -1,0 +1,107 @@
+"""Trial kinds: what one Tune trial runs, and the metrics it reports.
+
+Each kind is a function ``(spec, trial, env) -> metrics`` run inside the Tune trial's process. They measure;
+they do not price (pricing happens on the driver from the recorded resource-seconds and the price book).
+
+- ``serve-mlp``: deploy the trial's configuration of a small torch MLP behind ``@serve.batch`` (deployed
+  once per configuration: the repeats of one configuration are adjacent and reuse it), drive a bounded
+  HTTP load at 127.0.0.1, report throughput and p50/p95/p99.
+- ``train-mlp``: see :mod:`aifactory.bench.train_trial`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aifactory.bench.context import EnergyMeter, hardware
+from aifactory.bench.spec import ServingKnobs, SweepSpec, TrialConfig, TrialKind
+
+APP_PREFIX = "bench-"
+
+
+@dataclass(frozen=True)
+class TrialEnv:
+    """What the driver hands every trial."""
+
+    run_id: str
+    tenant: str
+    http_port: int | None  # Serve's HTTP port, for serving kinds
+
+
+def app_name(run_id: str, config_id: str) -> str:
+    return f"{APP_PREFIX}{run_id}-{config_id}"
+
+
+def run_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, Any]:
+    """Run one trial of ``spec.kind``; returns its metrics plus where it ran."""
+    t0 = time.time()
+    if spec.kind is TrialKind.SERVE_MLP:
+        metrics = serve_mlp_trial(spec, trial, env)
+    elif spec.kind is TrialKind.TRAIN_MLP:
+        from aifactory.bench.train_trial import train_mlp_trial
+
+        metrics = train_mlp_trial(spec, trial, env)
+    else:  # pragma: no cover - the enum and this switch change together
+        raise NotImplementedError(spec.kind)
+    metrics["trial_wall_s"] = time.time() - t0
+    metrics["node"] = hardware().hostname
+    return metrics
+
+
+def _ensure_app(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> float:
+    """Deploy this configuration unless it already runs; returns the deploy seconds (0 when reused)."""
+    from ray import serve
+
+    from aifactory.bench.mlp_app import build_app
+
+    name = app_name(env.run_id, trial.config_id)
+    apps = serve.status().applications
+    if name in apps and apps[name].status == "RUNNING":
+        return 0.0
+    # The previous configuration of this run is done (repeats are adjacent): free its replicas first.
+    for other in list(apps):
+        if other.startswith(f"{APP_PREFIX}{env.run_id}-") and other != name:
+            serve.delete(other)
+    t0 = time.perf_counter()
+    app = build_app(model=spec.model, knobs=ServingKnobs.model_validate(trial.knobs),
+                    replica_num_cpus=spec.replica_num_cpus, tenant=env.tenant, seed=spec.seed)
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    return time.perf_counter() - t0
+
+
+def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, Any]:
+    from aifactory.bench.loadgen import drive_load
+
+    if env.http_port is None:
+        raise RuntimeError("serving trials need Serve's HTTP port; the runner starts Serve first")
+    deploy_s = _ensure_app(spec, trial, env)
+    url = f"http://127.0.0.1:{env.http_port}/{app_name(env.run_id, trial.config_id)}"
+    rng = random.Random(trial.seed)
+    pool = [[rng.gauss(0.0, 1.0) for _ in range(spec.model.input_dim)] for _ in range(64)]
+
+    def body(i: int) -> dict[str, Any]:
+        return {"inputs": pool[i % len(pool)]}
+
+    if spec.load.warmup_requests:
+        drive_load(url, body, num_requests=spec.load.warmup_requests, concurrency=spec.load.concurrency,
+                   timeout_s=spec.load.request_timeout_s)
+    meter = EnergyMeter()
+    meter.start()
+    result = drive_load(url, body, num_requests=spec.load.num_requests, concurrency=spec.load.concurrency,
+                        timeout_s=spec.load.request_timeout_s)
+    energy_j = meter.stop_joules()
+    metrics: dict[str, Any] = result.metrics()
+    replicas = trial.knobs["num_replicas"]
+    metrics.update(
+        deploy_s=deploy_s,
+        status_counts=result.status_counts,
+        # What the measured interval held: pricing turns these into dollars on the driver.
+        replica_cpu_s=replicas * spec.replica_num_cpus * result.wall_s,
+        loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
+        energy_j=energy_j,
+        energy_note=meter.note if energy_j is None else "",
+    )
+    return metrics
