@@ -138,4 +138,4 @@ def tokens_contract(seq_len: int, vocab_size: int, drift: DriftBounds | None = N
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
