@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _client(args: argparse.Namespace, *, tenant=None) -> Client:
+    from aifactory.control.client import ControlClient, configured
+
+    if configured() and not args.address:  # AIFACTORY_API_URL: go through the control API with our key
+        return ControlClient.from_env(tenant=tenant.tenant if tenant else None,
+                                      project=tenant.project if tenant else "default")
     return Client(address=args.address, tenant=tenant, home=home_of(args))
 
 
