@@ -1,0 +1,79 @@
+"""Device, process-group backend, sharding and precision: the same code on CPU (gloo) and GPU (NCCL).
+
+- ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block and then on the
+  root, so each block's parameters are gathered just in time and freed after use. With ``bf16-mixed`` the
+  :class:`MixedPrecisionPolicy` casts parameters to bf16 for compute and reduces gradients in fp32; the
+  sharded parameters the optimizer updates stay fp32 (master weights).
+- ``ddp``: ``DistributedDataParallel`` with a full fp32 replica per worker; ``bf16-mixed`` then runs the
+  forward under ``torch.autocast(bf16)`` (weights and gradients stay fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: torch.device
+    backend: str
+    name: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def backend_for(use_gpu: bool) -> str:
+    """The collective backend: NCCL for GPUs, gloo for CPUs."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def resolve_use_gpu(requested: bool | None, *, cluster_gpus: float) -> bool:
+    """``requested`` when given; otherwise use GPUs exactly when the cluster has some."""
+    return bool(cluster_gpus > 0) if requested is None else requested
+
+
+def current_device(local_rank: int = 0) -> DeviceInfo:
+    """The worker's device, chosen at run time from what the process can see."""
+    if torch.cuda.is_available():
+        idx = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return DeviceInfo(torch.device("cuda", idx), "nccl", torch.cuda.get_device_name(idx))
+    return DeviceInfo(torch.device("cpu"), "gloo", "cpu")
+
+
+def shard_model(model: nn.Module, *, sharding: str, precision: str, device: torch.device) -> nn.Module:
+    """Wrap ``model`` for data-parallel training. Requires an initialised process group."""
+    model = model.to(device)
+    if sharding == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs = {}
+        if precision == "bf16-mixed":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+    if sharding == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raise ValueError(f"unknown sharding {sharding!r}; expected 'fsdp' or 'ddp'")
+
+
+def autocast_context(*, sharding: str, precision: str, device: torch.device):
+    """The forward-pass context: autocast for DDP + bf16-mixed; FSDP2's policy casts by itself."""
+    if precision == "bf16-mixed" and sharding == "ddp":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under a DDP wrapper (FSDP2 modifies the module in place)."""
+    return getattr(model, "module", model)
