@@ -214,3 +214,41 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> S
     spec = load_config(SweepSpec, path, overrides=overrides)
     spec.configurations()  # validate each combination now, not when the sweep reaches it
     return spec
+
+
+def spec_dirs() -> list[Path]:
+    """Where named specs are looked up: ``$AIFACTORY_BENCH_SPECS`` (``:``-separated), ``./benchmarks/specs``,
+    then the source checkout's ``benchmarks/specs``."""
+    import os
+
+    dirs = [Path(p) for p in os.environ.get("AIFACTORY_BENCH_SPECS", "").split(os.pathsep) if p]
+    dirs.append(Path.cwd() / "benchmarks" / "specs")
+    dirs.append(Path(__file__).resolve().parents[3] / "benchmarks" / "specs")
+    seen, out = set(), []
+    for d in dirs:
+        if d.resolve() not in seen and d.is_dir():
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def available_specs() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(spec_dirs()):  # earlier directories win
+        for f in sorted(d.glob("*.yaml")):
+            found[f.stem] = f
+    return dict(sorted(found.items()))
+
+
+def find_spec(name_or_path: str, *, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """A spec by file path, or by name (``smoke`` -> ``benchmarks/specs/smoke.yaml``)."""
+    from aifactory.exceptions import NotFound
+
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
+        return load_spec(path, overrides=overrides)
+    specs = available_specs()
+    if name_or_path not in specs:
+        raise NotFound("sweep spec", name_or_path,
+                       f"known specs: {', '.join(specs) or '(none)'}; or pass a YAML file path")
+    return load_spec(specs[name_or_path], overrides=overrides)
