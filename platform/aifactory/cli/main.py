@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "aifactory.cli.jobs",
     "aifactory.cli.run",
     "aifactory.cli.security",
+    "aifactory.cli.bench",
 ]
 
 
