@@ -69,7 +69,7 @@ class GateSpec(StrictModel):
 class ValidationSpec(StrictModel):
     max_batches: int = Field(default=8, ge=1, description="Validation batches per worker per checkpoint.")
     gate: GateSpec = Field(default_factory=GateSpec, description="The quality gate a checkpoint must pass.")
-    register: bool = Field(default=True, description="Register validated checkpoints in the model registry.")
+    register_validated: bool = Field(default=True, description="Register validated checkpoints in the model registry.")
 
 
 class FaultSpec(StrictModel):

@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_losses.clear()
         if validated:
             state["best_validated"] = val_loss
-            if job.validation.register:
+            if job.validation.register_validated:
                 entry["model_version"] = _register(model, payload, version.version, step, val_loss, rank, ckpt)
                 if entry["model_version"]:
                     state["registered"].append({"step": step, "version": entry["model_version"], "val_loss": val_loss})

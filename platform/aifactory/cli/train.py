@@ -1,0 +1,124 @@
+"""``factory train | models | rerun``: training runs, the model registry, and re-executing a run."""
+
+from __future__ import annotations
+
+import argparse
+
+from aifactory.cli._common import add_address, home_of
+from aifactory.cli._output import add_format, emit, emit_obj, progress
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model with Ray Train (FSDP2 + bf16 by default) and register it")
+    p.add_argument("--recipe", help="a recipe of jobs/recipes.py, e.g. tiny")
+    p.add_argument("--config", help="a TrainJob YAML/JSON file instead of a recipe")
+    p.add_argument("--dataset", help="dataset version (default: the newest)")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="override the number of steps")
+    p.add_argument("--workers", type=int, help="override the number of Train workers")
+    p.add_argument("--tenant", help="override the recipe's tenant")
+    add_address(p)
+    add_format(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("models", help="list registered model versions")
+    p.add_argument("--name", help="only this model")
+    add_format(p)
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("rerun", help="re-execute a training run from its manifest and compare the curves")
+    p.add_argument("run_id")
+    add_address(p)
+    add_format(p)
+    p.set_defaults(func=_rerun)
+
+
+def _connect(args, home, job):
+    from aifactory.cluster.connect import init_ray, resolve_address
+    from aifactory.config import config_hash
+    from aifactory.provenance import code_version
+    from aifactory.tenancy import WorkloadKind, job_metadata
+
+    code = code_version()
+    meta = job_metadata(job.tenant, workload=WorkloadKind.TRAIN, config_hash=config_hash(job),
+                        code_version=code.sha, code_dirty=code.dirty, extra={"entrypoint": "factory train"})
+    return init_ray(home, address=resolve_address(home, args.address), job_metadata=meta)
+
+
+def _admit(home, job) -> None:
+    """The cost engineer's admission check (quota, budget), before any work starts."""
+    try:
+        from aifactory.cost.admission import admit
+    except ImportError:  # a checkout without cost accounting admits everything
+        return
+    from aifactory.tenancy import WorkloadKind
+
+    s = job.scaling
+    resources = {"CPU": s.num_workers * s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = float(s.num_workers)
+    admit(home, job.tenant, resources, WorkloadKind.TRAIN)
+
+
+def _summary(out) -> dict:
+    m = out.metrics
+    return {"run_id": out.run_id, "status": out.manifest.get("status"), "model": out.model_name,
+            "model_version": out.model_version, "dataset_version": out.manifest.get("dataset_version"),
+            "val_loss": out.final_val_loss, "steps": m.get("step"), "tokens_per_s": m.get("tokens_per_s"),
+            "data_wait_fraction": m.get("data_wait_fraction"), "mfu": m.get("mfu"),
+            "peak_memory_bytes_per_worker": m.get("peak_memory_bytes_per_worker"),
+            "checkpoint_save_s": (m.get("checkpoint_save_s") or {}).get("mean"), "wall_s": out.manifest.get("wall_s"),
+            "restarts": len(m.get("restarts") or [])}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import ray
+
+    from aifactory.train.jobspec import build_job
+    from aifactory.train.runner import run_training
+
+    home = home_of(args).ensure()
+    job = build_job(recipe=args.recipe or (None if args.config else "tiny"), config=args.config,
+                    dataset=args.dataset, max_steps=args.max_steps, workers=args.workers, tenant=args.tenant)
+    _admit(home, job)
+    _connect(args, home, job)
+    try:
+        out = run_training(job, home=home, log=progress)
+    finally:
+        ray.shutdown()
+    emit_obj(_summary(out), args.format)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from aifactory.registry import ModelRegistry
+
+    versions = ModelRegistry(home_of(args)).list(args.name)
+    if args.format == "json":
+        emit([mv.to_dict() for mv in versions], "json")
+        return 0
+    rows = [{"name": mv.name, "version": mv.version, "servable": mv.servable, "sha256": mv.sha256[:12],
+             "val_loss": (mv.manifest.get("metrics") or {}).get("val_loss"), "dataset": mv.manifest.get("dataset_version"),
+             "run_id": mv.manifest.get("run_id"), "tenant": mv.manifest.get("tenant"), "created": mv.created_at}
+            for mv in versions]
+    emit(rows, args.format)
+    return 0
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    import ray
+
+    from aifactory.train.config import TrainJob
+    from aifactory.train.runner import rerun
+    from aifactory.train.runs import read_manifest
+
+    home = home_of(args).ensure()
+    job = TrainJob.model_validate(read_manifest(home, args.run_id)["job"])
+    _admit(home, job)
+    _connect(args, home, job)
+    try:
+        out, cmp = rerun(args.run_id, home=home, log=progress)
+    finally:
+        ray.shutdown()
+    emit_obj({**_summary(out), "rerun_of": args.run_id, "max_abs_val_loss_diff": cmp["max_abs_diff"],
+              "tolerance": cmp["tolerance"], "reproduced": cmp["reproduced"]}, args.format)
+    return 0 if cmp["reproduced"] else 1
