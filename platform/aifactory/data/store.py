@@ -87,10 +87,18 @@ class DatasetVersion:
 class DatasetStore:
     """Versions under ``home.datasets``. ``get(None)`` is the newest version."""
 
+    prefix = VERSION_PREFIX
+    manifest_cls: type = DatasetManifest
+    kind = "dataset version"
+
     def __init__(self, home: FactoryHome, *, location: str | None = None):
         self.home = home
-        self.location = location or home.datasets
+        self.location = location or self.default_location(home)
         self.fs, self.base = filesystem(self.location)
+
+    @staticmethod
+    def default_location(home: FactoryHome) -> str:
+        return home.datasets
 
     # reading ---------------------------------------------------------------------------------------------
     def _load(self, version: str) -> DatasetVersion | None:
@@ -105,7 +113,7 @@ class DatasetStore:
             data = json.loads(raw)
         except json.JSONDecodeError as err:
             raise ContractViolation(where, "manifest.readable", f"not valid JSON ({err})") from None
-        manifest = parse_config(DatasetManifest, data, source=where)
+        manifest = parse_config(self.manifest_cls, data, source=where)
         if manifest.version != version:
             raise ContractViolation(where, "manifest.version", f"says version {manifest.version!r} but lives in {version!r}")
         return DatasetVersion(version=version, manifest=manifest, location=join(self.location, version))
@@ -126,7 +134,7 @@ class DatasetStore:
         versions = []
         for entry in entries:
             name = entry.base_name
-            if entry.type == pafs.FileType.Directory and name.startswith(VERSION_PREFIX):
+            if entry.type == pafs.FileType.Directory and name.startswith(self.prefix):
                 v = self._load(name)
                 if v is not None:
                     versions.append(v)
@@ -136,15 +144,16 @@ class DatasetStore:
         if version is None:
             versions = self.list()
             if not versions:
-                raise NotFound("dataset version", "(newest)", f"the store {self.location} is empty; run `factory ingest`")
+                raise NotFound(self.kind, "(newest)", f"the store {self.location} is empty")
             return versions[-1]
         found = self._load(version)
         if found is None:
-            raise NotFound("dataset version", version, "`factory datasets` lists the versions")
+            raise NotFound(self.kind, version, f"the store {self.location} has {[v.version for v in self.list()] or 'none'}")
         return found
 
     def parent_of(self, v: DatasetVersion) -> DatasetVersion | None:
-        parent = v.manifest.lineage.parent
+        lineage = getattr(v.manifest, "lineage", None)  # embedding manifests have none
+        parent = lineage.parent if lineage else None
         if not parent:
             return None
         return self._load(parent)
@@ -198,7 +207,7 @@ class Pending:
         self.raced = False  # another ingest published the same version first
         store.fs.create_dir(self.path, recursive=True)
 
-    def commit(self, manifest: DatasetManifest) -> DatasetVersion:
+    def commit(self, manifest) -> DatasetVersion:
         if manifest.version != self.version:
             raise DataError(f"manifest version {manifest.version} != pending version {self.version}")
         fs = self.store.fs
