@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "aifactory.cli.cluster",
     "aifactory.cli.jobs",
     "aifactory.cli.run",
+    "aifactory.cli.data",
     "aifactory.cli.train",
     "aifactory.cli.security",
     "aifactory.cli.bench",

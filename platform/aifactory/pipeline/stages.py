@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from aifactory.pipeline.runner import RunContext, Stage, StageResult
+from aifactory.data.stage import ingest_stage
 from aifactory.train.stage import train_stage
 from aifactory.tenancy import WorkloadKind
 
@@ -37,5 +38,6 @@ def smoke_job(ctx: RunContext) -> StageResult:
 def default_stages() -> list[Stage]:
     return [
         Stage("smoke-job", "a tenant-tagged job through Ray's Job API", smoke_job, expected_s=8),
+        Stage("ingest", "stdlib source -> a versioned, contract-checked Parquet dataset", ingest_stage, expected_s=20),
         Stage("train", "FSDP2 + bf16 training to a validated, registered model", train_stage, expected_s=80),
     ]
