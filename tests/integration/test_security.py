@@ -1,0 +1,268 @@
+"""Security on the shared cluster: the control API on Ray Serve, tenant isolation on every entry point,
+signed artifacts, the audit log, quotas enforced server-side, and a schemathesis fuzz of the published spec.
+
+Tenants here are ``sec-alpha`` and ``sec-beta`` so that nothing collides with other components' tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import httpx
+import pytest
+
+from tests.integration.conftest import free_port
+
+APP, PREFIX = "aif-control", "/aif-control"
+ALPHA, BETA = "sec-alpha", "sec-beta"
+
+
+def _serve_port(cluster) -> int | None:
+    """The HTTP port of a Serve instance already running on the cluster (other tests may have started it)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from aifactory.cluster.connect import auth_headers
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return None
+    req = urllib.request.Request(f"{cluster.dashboard_url}/api/serve/applications/",
+                                 headers=auth_headers({"RAY_AUTH_TOKEN_PATH": cluster.token_path}))
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return (json.loads(resp.read() or b"{}").get("http_options") or {}).get("port")
+
+
+@pytest.fixture(scope="module")
+def control(ray_driver):
+    """The control app deployed with Serve on 127.0.0.1 (reusing a running Serve), plus three API keys."""
+    from ray import serve
+
+    from aifactory.home import FactoryHome
+    from aifactory.security.apikeys import KeyStore
+    from serve_apps.control import app_builder
+
+    home = FactoryHome.from_env(ray_driver.home)
+    store = KeyStore(home)
+    keys = {
+        ALPHA: store.create(tenant=ALPHA, name="sec-test").secret,
+        BETA: store.create(tenant=BETA, name="sec-test").secret,
+        "admin": store.create(tenant=None, role="admin", name="sec-test").secret,
+    }
+    t0 = time.monotonic()
+    port = _serve_port(ray_driver)
+    started = port is None
+    if started:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    serve.run(app_builder({"home": str(home.root)}), name=APP, route_prefix=PREFIX)
+    url = f"http://127.0.0.1:{port}{PREFIX}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    print(f"control API up in {time.monotonic() - t0:.1f}s at {url}")
+    yield {"url": url, "home": home, "keys": keys}
+    serve.delete(APP)
+    if started:  # leave Serve as we found it: other modules start it with their own http_options
+        serve.shutdown()
+
+
+def _c(control, who: str | None, timeout: float = 60):
+    headers = {"Authorization": f"Bearer {control['keys'][who]}"} if who else {}
+    return httpx.Client(base_url=control["url"], headers=headers, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def jobs(control):
+    """One finished job per tenant, submitted through the API with the real ControlClient."""
+    from aifactory.control.client import ControlClient
+
+    ids = {}
+    for tenant in (ALPHA, BETA):
+        client = ControlClient(control["url"], control["keys"][tenant])
+        ids[tenant] = client.submit(["python", "-c", f"print('secret of {tenant}')"], num_cpus=0.1)
+        assert client.wait(ids[tenant], timeout_s=120).status == "SUCCEEDED"
+    return ids
+
+
+def test_unauthenticated_calls_are_refused_on_every_entry_point(control, jobs):
+    anon = _c(control, None)
+    bad = httpx.Client(base_url=control["url"], headers={"Authorization": "Bearer aifk_0000000000000000_" + "x" * 43})
+    for client in (anon, bad):
+        for method, path, body in [
+            ("GET", "/v1/jobs", None), ("POST", "/v1/jobs", {"entrypoint": "echo hi"}),
+            ("GET", f"/v1/jobs/{jobs[ALPHA]}", None), ("GET", f"/v1/jobs/{jobs[ALPHA]}/logs", None),
+            ("POST", f"/v1/jobs/{jobs[ALPHA]}/stop", None), ("GET", "/v1/costs", None), ("GET", "/v1/budgets", None),
+            ("GET", "/v1/audit", None), ("GET", "/v1/keys", None), ("GET", "/v1/serve/apps", None),
+            ("POST", "/v1/serve/apps", {"name": "x", "model_name": "m"}),
+            ("POST", f"/v1/serve/apps/{ALPHA}.chat/rollback", None),
+        ]:
+            resp = client.request(method, path, json=body)
+            assert resp.status_code == 401, (method, path, resp.text)
+            assert resp.json()["error"]["code"] == "unauthenticated"
+
+
+def test_jobs_are_tagged_from_the_key_and_isolated(control, jobs):
+    alpha, beta, admin = _c(control, ALPHA), _c(control, BETA), _c(control, "admin")
+    mine = alpha.get("/v1/jobs").json()
+    assert {j["tenant"] for j in mine} == {ALPHA} and jobs[ALPHA] in {j["id"] for j in mine}
+    assert alpha.get("/v1/jobs", params={"tenant": BETA}).json() == mine  # asking for beta shows alpha's only
+    assert "secret of sec-alpha" in alpha.get(f"/v1/jobs/{jobs[ALPHA]}/logs").json()["logs"]
+    # beta's job answers exactly like a job that does not exist
+    for method, suffix in (("GET", ""), ("GET", "/logs"), ("POST", "/stop")):
+        theirs = alpha.request(method, f"/v1/jobs/{jobs[BETA]}{suffix}")
+        ghost = alpha.request(method, f"/v1/jobs/raysubmit_doesnotexist{suffix}")
+        assert theirs.status_code == ghost.status_code == 404, theirs.text
+        assert theirs.json()["error"]["message"].replace(jobs[BETA], "?") == \
+            ghost.json()["error"]["message"].replace("raysubmit_doesnotexist", "?")
+        assert "secret of sec-beta" not in theirs.text
+    assert beta.get(f"/v1/jobs/{jobs[BETA]}").json()["tenant"] == BETA
+    every = {j["id"] for j in admin.get("/v1/jobs").json()}
+    assert {jobs[ALPHA], jobs[BETA]} <= every
+    # the tenant in the body can only be one's own
+    resp = alpha.post("/v1/jobs", json={"entrypoint": "echo x", "tenant": BETA})
+    assert resp.status_code == 403
+
+
+def test_stop_is_scoped_and_each_action_audited_exactly_once(control, jobs):
+    from aifactory import audit
+
+    home = control["home"]
+    alpha = _c(control, ALPHA)
+    me = alpha.get("/v1/whoami").json()
+    job = alpha.post("/v1/jobs", json={"entrypoint": "python -c 'import time; time.sleep(60)'", "num_cpus": 0.1})
+    assert job.status_code == 201 and job.json()["tenant"] == ALPHA
+    job_id = job.json()["id"]
+    assert _c(control, BETA).post(f"/v1/jobs/{job_id}/stop").status_code == 404  # beta cannot stop it
+    deadline = time.monotonic() + 60
+    while alpha.get(f"/v1/jobs/{job_id}").json()["status"] == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alpha.post(f"/v1/jobs/{job_id}/stop").json()["stopped"] is True
+    submits = audit.query(home, action="job.submit", target=job_id)
+    stops = audit.query(home, action="job.stop", target=job_id)
+    assert len(submits) == 1 and len(stops) == 1
+    assert submits[0].actor == stops[0].actor == f"apikey:{me['key_id']}" and submits[0].tenant == ALPHA
+    for tenant in (ALPHA, BETA):  # the fixture's submissions: once each, no stops
+        assert len(audit.query(home, action="job.submit", target=jobs[tenant])) == 1
+    assert audit.query(home, action="job.stop", target=jobs[ALPHA]) == []
+    # a tenant reads only its own audit trail through the API
+    trail = alpha.get("/v1/audit", params={"action": "job"}).json()
+    assert {e["tenant"] for e in trail} == {ALPHA} and job_id in {e["target"] for e in trail}
+    assert audit.verify(home) >= 4
+
+
+def test_quota_is_enforced_server_side(control):
+    from aifactory.cost.budgets import load_budgets, save_budgets
+
+    home = control["home"]
+    before = load_budgets(home)
+    admin, alpha = _c(control, "admin"), _c(control, ALPHA)
+    try:
+        assert admin.put(f"/v1/budgets/{ALPHA}", json={"quota": {"cpu": 1}}).status_code == 200
+        resp = alpha.post("/v1/jobs", json={"entrypoint": "echo too-big", "num_cpus": 4})
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "quota_exceeded"
+        assert alpha.put(f"/v1/budgets/{ALPHA}", json={"quota": {"cpu": 100}}).status_code == 403
+    finally:
+        save_budgets(home, before)
+
+
+def test_costs_are_scoped(control):
+    alpha = _c(control, ALPHA)
+    for by in ("tenant", "project", "job"):
+        resp = alpha.get("/v1/costs", params={"by": by, "tenant": BETA})
+        assert resp.status_code == 200 and all(r["tenant"] == ALPHA for r in resp.json())
+    assert all(r["tenant"] == ALPHA for r in alpha.get("/v1/budgets").json())
+
+
+def test_serving_refuses_tampered_and_foreign_models(control, tmp_path):
+    from aifactory.registry import ModelRegistry
+
+    home = control["home"]
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"\x00" * 2048)
+    reg = ModelRegistry(home)
+    mv = reg.register("sec-model", weights_path=str(weights), model_config={"d_model": 8},
+                      manifest={"tenant": ALPHA})
+    alpha, beta = _c(control, ALPHA), _c(control, BETA)
+    # another tenant's model is invisible: 404 like a model that does not exist
+    theirs = beta.post("/v1/serve/apps", json={"name": "chat", "model_name": "sec-model", "model_version": mv.version})
+    ghost = beta.post("/v1/serve/apps", json={"name": "chat", "model_name": "sec-none", "model_version": "v1"})
+    assert theirs.status_code == ghost.status_code == 404
+    # a tampered weights file is refused before Serve is touched
+    with open(mv.weights_path, "r+b") as f:
+        f.write(b"\x01")
+    resp = alpha.post("/v1/serve/apps", json={"name": "chat", "model_name": "sec-model", "model_version": mv.version})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "integrity_error"
+    # a re-labelled manifest (beta claims alpha's model) breaks the signature
+    mv2 = reg.register("sec-model", weights_path=str(weights), model_config={"d_model": 8},
+                       manifest={"tenant": ALPHA})
+    record = reg._join("sec-model", mv2.version, "version.json")
+    data = json.loads(open(record).read())
+    data["manifest"]["tenant"] = BETA
+    open(record, "w").write(json.dumps(data))
+    resp = beta.post("/v1/serve/apps", json={"name": "chat", "model_name": "sec-model", "model_version": mv2.version})
+    assert resp.status_code == 409 and "signature" in resp.json()["error"]["message"]
+    # another tenant's application: 404 on every rollout verb; the app list holds only one's own apps
+    for verb, body in (("canary", {"model_version": "v1", "percent": 5}), ("promote", None), ("rollback", None)):
+        assert alpha.post(f"/v1/serve/apps/{BETA}.chat/{verb}", json=body).status_code == 404
+    apps = alpha.get("/v1/serve/apps")
+    assert apps.status_code == 200 and all(a["tenant"] == ALPHA for a in apps.json())
+    from aifactory import audit
+
+    assert audit.query(home, action="serve") == []  # nothing was deployed, nothing audited
+
+
+def test_fuzz_published_spec_finds_no_5xx_and_no_cross_tenant_read(control, jobs):
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    spec = httpx.get(f"{control['url']}/openapi.json", timeout=30).json()
+    schema = schemathesis.openapi.from_dict(spec)
+    # Reads and the rollout verbs: fuzzing submissions would run random shell commands on the cluster, and
+    # key rotation would revoke the key the fuzz itself uses.
+    reads = schema.include(method="GET")
+    rollouts = schema.include(path_regex=r"^/v1/serve/apps/\{app\}/")
+    headers = {"Authorization": f"Bearer {control['keys'][ALPHA]}"}
+    forbidden = (jobs[BETA], "secret of sec-beta", f'"tenant":"{BETA}"', f'"tenant": "{BETA}"')
+    calls = {"n": 0, "by_status": {}}
+
+    def check(case, resp):
+        calls["n"] += 1
+        calls["by_status"][resp.status_code] = calls["by_status"].get(resp.status_code, 0) + 1
+        assert resp.status_code < 500, f"{case.method} {case.formatted_path} {case.query} -> {resp.status_code}: {resp.text}"
+        assert not any(s in resp.text for s in forbidden), f"cross-tenant read: {case.method} {case.formatted_path}"
+
+    def send(http, case, extra):
+        # Sent with httpx: schemathesis' own `requests` transport trips over urllib3-future in this venv.
+        kw = case.as_transport_kwargs(base_url=control["url"], headers=extra)
+        body = {"json": kw["json"]} if "json" in kw else {"content": kw["data"]} if "data" in kw else {}
+        try:
+            return http.request(kw["method"], kw["url"], headers=kw["headers"], params=kw.get("params"), **body)
+        except (httpx.LocalProtocolError, UnicodeEncodeError):
+            return None  # a header the client itself cannot encode never reaches the server
+
+    t0 = time.monotonic()
+    with httpx.Client(timeout=60) as http:
+        for sub, as_alpha in ((reads, True), (reads, False), (rollouts, True)):
+            for result in sub.get_all_operations():
+                op = result.ok()
+
+                @given(case=op.as_strategy())
+                @settings(max_examples=12, deadline=None, database=None, phases=[Phase.generate],
+                          suppress_health_check=list(HealthCheck))
+                def run(case):
+                    resp = send(http, case, headers if as_alpha else None)
+                    if resp is not None:
+                        check(case, resp)
+
+                run()
+    print(f"fuzz: {calls['n']} requests in {time.monotonic() - t0:.1f}s, by status {calls['by_status']}")
+    assert calls["n"] >= 100 and calls["by_status"].get(200, 0) > 0
