@@ -36,10 +36,15 @@ _EXPORTS: dict[str, str] = {
     "ContractViolation": "aifactory.exceptions",
     "NotFound": "aifactory.exceptions",
     "IntegrityError": "aifactory.exceptions",
+    "AuthenticationError": "aifactory.exceptions",
+    "PermissionDenied": "aifactory.exceptions",
     # cluster and jobs
     "LocalCluster": "aifactory.cluster",
     "Client": "aifactory.jobs",
     "JobRecord": "aifactory.jobs",
+    # security: the control API's client, API keys
+    "ControlClient": "aifactory.control.client",
+    "KeyStore": "aifactory.security.apikeys",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -63,10 +68,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from aifactory.config import StrictModel, load_config, parse_config
     from aifactory.exceptions import (
         BudgetExceeded, ClusterUnreachable, ConfigError, ContractViolation, DataError, FactoryError,
-        IntegrityError, JobNotFound, NotFound, QuotaExceeded,
+        IntegrityError, JobNotFound, NotFound, QuotaExceeded, AuthenticationError, PermissionDenied,
     )
     from aifactory.home import FactoryHome
+    from aifactory.control.client import ControlClient
     from aifactory.jobs import Client, JobRecord
+    from aifactory.security.apikeys import KeyStore
     from aifactory.tenancy import (
         UNATTRIBUTED, JobTags, SLOClass, TenantRef, WorkloadKind, job_metadata, tags_from_metadata,
     )
