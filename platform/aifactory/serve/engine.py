@@ -41,7 +41,9 @@ def load_version(registry_location: str, name: str, version: str | None) -> Load
     import torch
 
     from aifactory.home import filesystem
-    from aifactory.models.gpt import GPT, GPTConfig
+    from aifactory.exceptions import VariantRejected
+    from aifactory.models.gpt import GPTConfig
+    from aifactory.optimize.quantize import build_model, load_state
     from aifactory.registry import ModelRegistry
 
     t0 = time.monotonic()
@@ -56,9 +58,12 @@ def load_version(registry_location: str, name: str, version: str | None) -> Load
     if actual != mv.sha256:
         raise IntegrityError(mv.weights_path, mv.sha256, actual)
     cfg = GPTConfig.model_validate(mv.model_config)
-    model = GPT(cfg)
-    model.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
-    model.eval()
+    variant = mv.manifest.get("variant")
+    if variant and not mv.servable:
+        raise VariantRejected(mv.ref, (variant.get("gate") or {}).get("reason", "it is not servable"))
+    # A quantized variant's state dict only loads into the quantized module structure (aifactory.optimize).
+    model = build_model(mv.model_config, variant)
+    load_state(model, torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
     return LoadedModel(mv.name, mv.version, mv.sha256, model, cfg.seq_len, time.monotonic() - t0)
 
 

@@ -102,7 +102,9 @@ class CompletionResponse(BaseModel):
 class EmbeddingRequest(_Request):
     model: str = Field(description="Embedding model name.")
     input: str | list[str] = Field(description="Text or list of texts to embed.")
-    encoding_format: Literal["float"] = Field("float", description="Only float is supported.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: JSON numbers; base64: little-endian float32 bytes (the openai client's default)."
+    )
     dimensions: int | None = Field(None, description="Accepted only if equal to the model's dimensions.")
     user: str | None = Field(None, description="End-user id (ignored).")
 
@@ -112,7 +114,7 @@ class EmbeddingRequest(_Request):
 
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
-    embedding: list[float]
+    embedding: list[float] | str
     index: int
 
 
@@ -176,3 +178,14 @@ def check_completion_limits(req: CompletionRequest, *, prompt_tokens: int, max_p
         raise APIError(400, "prompt: must not be empty", param="prompt", code="prompt_empty")
     if req.top_p != 1.0:
         raise APIError(400, "top_p: only 1.0 is supported", param="top_p", code="unsupported")
+
+
+def encode_vector(v, fmt: str):
+    """An embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."""
+    if fmt == "base64":
+        import base64
+
+        import numpy as np
+
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+    return [float(x) for x in v]

@@ -12,7 +12,6 @@ The SLO class comes from the ``X-SLO-Class`` header or the route (``/batch/v1/co
 updates (``aifactory.serve.deploy``), which reconfigure replicas in place instead of restarting them.
 """
 
-from __future__ import annotations
 
 import asyncio
 import itertools
@@ -48,6 +47,42 @@ logger = logging.getLogger("ray.serve")
 INGRESS, INTERACTIVE, BATCH, CANARY = "Ingress", "Interactive", "Batch", "Canary"
 TARGETS = {"interactive": INTERACTIVE, "batch": BATCH}
 _REPLICA_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "ActorUnschedulableError")
+
+
+# Helpers come before the deployments: Serve pickles a deployment class by value when it is
+# decorated, so names defined later in this module would be missing in the replica.
+async def _awaitable(response):
+    return await response
+
+
+def _cached(body: dict, source: str) -> CompletionResponse:
+    resp = CompletionResponse.model_validate(body)
+    return resp.model_copy(update={"system_fingerprint": f"{resp.system_fingerprint}+{source}-cache"})
+
+
+def _apply_stop(text: str, stops: list[str], finish: str) -> tuple[str, str]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], "stop") if cut >= 0 else (text, finish)
+
+
+async def _sse(resp: CompletionResponse):
+    """Server-sent events in OpenAI's format; the whole answer is ready, so chunks are per character."""
+    text = resp.choices[0].text
+    for i, ch in enumerate(text):
+        chunk = resp.model_dump() | {"choices": [{"text": ch, "index": 0, "logprobs": None, "finish_reason": None}]}
+        chunk.pop("usage", None)
+        yield f"data: {json.dumps(chunk)}\n\n"
+    last = resp.model_dump() | {"choices": [{"text": "", "index": 0, "logprobs": None,
+                                             "finish_reason": resp.choices[0].finish_reason}]}
+    yield f"data: {json.dumps(last)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _cache_info(cache) -> dict | None:
+    if cache is None:
+        return None
+    return {"entries": len(cache), "hit_ratio": cache.stats.hit_ratio(),
+            "lookups": sum(cache.stats.lookups.values()), "hits": sum(cache.stats.hits.values())}
 
 
 @serve.deployment
@@ -290,40 +325,6 @@ class Ingress:
                     continue
                 raise
         raise AssertionError("unreachable")
-
-
-async def _awaitable(response):
-    return await response
-
-
-def _cached(body: dict, source: str) -> CompletionResponse:
-    resp = CompletionResponse.model_validate(body)
-    return resp.model_copy(update={"system_fingerprint": f"{resp.system_fingerprint}+{source}-cache"})
-
-
-def _apply_stop(text: str, stops: list[str], finish: str) -> tuple[str, str]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], "stop") if cut >= 0 else (text, finish)
-
-
-async def _sse(resp: CompletionResponse):
-    """Server-sent events in OpenAI's format; the whole answer is ready, so chunks are per character."""
-    text = resp.choices[0].text
-    for i, ch in enumerate(text):
-        chunk = resp.model_dump() | {"choices": [{"text": ch, "index": 0, "logprobs": None, "finish_reason": None}]}
-        chunk.pop("usage", None)
-        yield f"data: {json.dumps(chunk)}\n\n"
-    last = resp.model_dump() | {"choices": [{"text": "", "index": 0, "logprobs": None,
-                                             "finish_reason": resp.choices[0].finish_reason}]}
-    yield f"data: {json.dumps(last)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-def _cache_info(cache) -> dict | None:
-    if cache is None:
-        return None
-    return {"entries": len(cache), "hit_ratio": cache.stats.hit_ratio(),
-            "lookups": sum(cache.stats.lookups.values()), "hits": sum(cache.stats.hits.values())}
 
 
 def build(args: CompletionsArgs):

