@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -229,21 +230,23 @@ _REL_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 def parse_since(text: str, *, now: float | None = None) -> float:
     """``"2h"``/``"30m"``/``"7d"`` ago, an ISO date or datetime (UTC unless it says), or epoch seconds."""
     now = time.time() if now is None else now
+    problem = ConfigError("--since", [f"{text!r} is not a time: use e.g. 2h, 30m, 7d, 2025-01-31 or "
+                                      "2025-01-31T12:00:00+00:00"])
     m = _REL.match(text)
-    if m:
-        return now - float(m.group(1)) * _REL_S[m.group(2)]
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError("--since", [f"{text!r} is not a time: use e.g. 2h, 30m, 7d, 2025-01-31 or "
-                                      "2025-01-31T12:00:00+00:00"]) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        if m:
+            value = now - float(m.group(1)) * _REL_S[m.group(2)]
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                dt = datetime.fromisoformat(text.strip())
+                value = (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise problem from None
+    if not math.isfinite(value):  # "nan", "inf", 1e999h: not a time
+        raise problem
+    return value
 
 
 def _entry(row: sqlite3.Row) -> AuditEntry:

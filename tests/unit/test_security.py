@@ -254,3 +254,12 @@ def test_registry_signs_versions_and_refuses_tampering(tmp_path, home):
         f.write(b"\x02")
     with pytest.raises(IntegrityError):
         reg.verify(reg.get("tiny", mv.version))
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-infinity", "1e999h", "9999-12-31T23:59:59-23:59", "0001-01-01"])
+def test_parse_since_refuses_non_times(text):
+    try:
+        value = audit.parse_since(text)
+    except ConfigError:
+        return
+    assert value == value and abs(value) < float("inf")  # if accepted, it is a finite time
