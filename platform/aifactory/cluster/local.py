@@ -51,6 +51,12 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def _any_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 def _ray_executable() -> str:
     candidate = Path(sys.executable).parent / "ray"
     if candidate.exists():
@@ -137,6 +143,9 @@ class LocalCluster:
             f"--dashboard-host={LOOPBACK}",
             f"--dashboard-port={dashboard_port}",
             f"--metrics-export-port={metrics_export_port}",
+            # The dashboard agent defaults to the fixed port 52365: a second cluster on the host then has no
+            # agent and refuses job submissions ("No available agent"). Give each head its own port.
+            f"--dashboard-agent-listen-port={_any_free_port()}",
             f"--num-cpus={cpus}",
             f"--num-gpus={gpus}",
             f"--temp-dir={self.temp_dir}",
