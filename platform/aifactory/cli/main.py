@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "aifactory.cli.train",
     "aifactory.cli.security",
     "aifactory.cli.bench",
+    "aifactory.cli.serve",
 ]
 
 

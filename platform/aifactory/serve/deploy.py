@@ -204,8 +204,10 @@ def canary(rest: ServeREST, app: str, *, model_name: str, version: str, percent:
 
 def promote(rest: ServeREST, app: str, *, registry, model_name: str) -> RolloutState:
     """The canary version becomes the stable one of every SLO class; the canary share returns to 0."""
-    current = rollout_state(rest, app)
-    state = current.promote()
+    try:
+        state = rollout_state(rest, app).promote()
+    except ValueError as err:
+        raise ServeDeployError(str(err)) from None
     registry.verify(registry.get(model_name, state.stable_version))
     update_deployments(rest, app, {
         d: {"model_version": state.stable_version, **_batching_of(rest, app, d)} for d in ("Interactive", "Batch")

@@ -1,0 +1,177 @@
+"""``factory serve deploy|status|shutdown|canary|promote|rollback``: the serving apps on the cluster.
+
+Every change is a declarative update through the dashboard's Serve REST API; canary, promote and rollback
+change only ``user_config``, so replicas are reconfigured in place, never restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from aifactory.cli._common import add_address, add_tenant, home_of, tenant_of
+from aifactory.cli._output import add_format, emit, emit_obj, progress
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="deploy and roll out the serving apps (completions, embeddings)")
+    verbs = p.add_subparsers(dest="serve_command", metavar="VERB", required=True)
+
+    d = verbs.add_parser("deploy", help="deploy (or update) an app through Serve's declarative API")
+    d.add_argument("app", nargs="?", choices=("completions", "embeddings"), default="completions")
+    d.add_argument("--model", help="registered model name (completions; default: the only/newest one)")
+    d.add_argument("--version", help="model version (default: the newest servable)")
+    d.add_argument("--config", help="a YAML/JSON file of the app's args (CompletionsArgs / EmbeddingsArgs)")
+    d.add_argument("--name", help="application name (default: the app)")
+    d.add_argument("--port", type=int, default=8000, help="HTTP port if Serve is not running yet (127.0.0.1)")
+    add_tenant(d, required=False)
+    add_address(d)
+    add_format(d)
+    d.set_defaults(func=_deploy)
+
+    s = verbs.add_parser("status", help="applications, deployments, replicas and served versions")
+    add_address(s)
+    add_format(s)
+    s.set_defaults(func=_status)
+
+    x = verbs.add_parser("shutdown", help="remove an application (or all of them with --all)")
+    x.add_argument("app", nargs="?", default="completions")
+    x.add_argument("--all", action="store_true", help="remove every Serve application")
+    add_address(x)
+    x.set_defaults(func=_shutdown)
+
+    c = verbs.add_parser("canary", help="send PERCENT%% of traffic to VERSION (after checking its digest)")
+    c.add_argument("version")
+    c.add_argument("--percent", type=float, required=True, help="share of traffic, 0-100")
+    c.add_argument("--app", default="completions")
+    add_address(c)
+    add_format(c)
+    c.set_defaults(func=_canary)
+
+    for verb, fn, text in (("promote", _promote, "make the canary version the stable one"),
+                           ("rollback", _rollback, "send all traffic back to the stable version")):
+        v = verbs.add_parser(verb, help=text)
+        v.add_argument("--app", default="completions")
+        add_address(v)
+        add_format(v)
+        v.set_defaults(func=fn)
+
+
+def _rest(args):
+    from aifactory.cluster.connect import auth_headers, ray_env, resolve_address
+    from aifactory.exceptions import ClusterUnreachable
+    from aifactory.serve.deploy import ServeREST
+
+    home = home_of(args)
+    address = resolve_address(home, args.address)
+    if address is None:
+        raise ClusterUnreachable("127.0.0.1:8265", "no `factory up` cluster and no --address")
+    return home, ServeREST(address.dashboard_url, auth_headers(ray_env(home)))
+
+
+def _admit(home, tenant, resources) -> None:
+    """The cost engineer's admission check (quota, budget), before any replica starts."""
+    try:
+        from aifactory.cost.admission import admit
+    except ImportError:  # a checkout without cost accounting admits everything
+        return
+    from aifactory.tenancy import WorkloadKind
+
+    admit(home, tenant, resources, WorkloadKind.SERVE)
+
+
+def _deploy(args) -> int:
+    from aifactory.config import load_config
+    from aifactory.serve import deploy
+    from aifactory.serve.config import CompletionsArgs, EmbeddingsArgs
+
+    home, rest = _rest(args)
+    tenant = tenant_of(args)
+    if args.app == "completions":
+        overrides = {"model_name": args.model or _default_model(home), "model_version": args.version,
+                     "home": str(home.root)}
+        app_args = (load_config(CompletionsArgs, args.config, overrides=overrides) if args.config
+                    else CompletionsArgs(**{k: v for k, v in overrides.items() if v is not None}))
+        cpus = sum(c.num_cpus * c.autoscaling.max_replicas for c in (app_args.interactive, app_args.batch, app_args.canary))
+        entry = deploy.completions_entry(app_args, name=args.name or "completions",
+                                         route_prefix=f"/{args.name or 'completions'}")
+    else:
+        app_args = load_config(EmbeddingsArgs, args.config) if args.config else EmbeddingsArgs()
+        cpus = app_args.num_cpus * app_args.autoscaling.max_replicas
+        entry = deploy.embeddings_entry(app_args, name=args.name or "embeddings",
+                                        route_prefix=f"/{args.name or 'embeddings'}")
+    if tenant is not None:
+        _admit(home, tenant, {"CPU": cpus})
+    progress(f"deploying {entry['name']} ({entry['import_path']}) ...")
+    app = deploy.deploy(rest, entry, http_port=args.port)
+    emit(deploy.status(rest), args.format)
+    return 0 if app.get("status") == "RUNNING" else 1
+
+
+def _default_model(home) -> str:
+    from aifactory.exceptions import ConfigError
+    from aifactory.registry import ModelRegistry
+
+    names = sorted({mv.name for mv in ModelRegistry(home).list()})
+    if len(names) != 1:
+        raise ConfigError("factory serve deploy", [f"--model: pick one of {names or 'the registered models (none yet)'}"])
+    return names[0]
+
+
+def _status(args) -> int:
+    from aifactory.serve import deploy
+
+    _, rest = _rest(args)
+    emit(deploy.status(rest), args.format)
+    return 0
+
+
+def _shutdown(args) -> int:
+    from aifactory.serve import deploy
+
+    _, rest = _rest(args)
+    if args.all:
+        rest.delete_all()
+        progress("all Serve applications deleted")
+        return 0
+    found = deploy.delete_app(rest, args.app)
+    progress(f"{args.app}: {'deleted' if found else 'not deployed'}")
+    return 0
+
+
+def _model_of(rest, app: str) -> str:
+    from aifactory.exceptions import NotFound
+
+    app_d = (rest.details().get("applications") or {}).get(app) or {}
+    name = ((app_d.get("deployed_app_config") or {}).get("args") or {}).get("model_name")
+    if not name:
+        raise NotFound("declaratively deployed completions application", app, "deploy it with `factory serve deploy`")
+    return name
+
+
+def _canary(args) -> int:
+    from aifactory.registry import ModelRegistry
+    from aifactory.serve import deploy
+
+    home, rest = _rest(args)
+    state = deploy.canary(rest, args.app, model_name=_model_of(rest, args.app), version=args.version,
+                          percent=args.percent, registry=ModelRegistry(home))
+    emit_obj(state.model_dump(), args.format)
+    return 0
+
+
+def _promote(args) -> int:
+    from aifactory.registry import ModelRegistry
+    from aifactory.serve import deploy
+
+    home, rest = _rest(args)
+    state = deploy.promote(rest, args.app, registry=ModelRegistry(home), model_name=_model_of(rest, args.app))
+    emit_obj(state.model_dump(), args.format)
+    return 0
+
+
+def _rollback(args) -> int:
+    from aifactory.serve import deploy
+
+    _, rest = _rest(args)
+    emit_obj(deploy.rollback(rest, args.app).model_dump(), args.format)
+    return 0
