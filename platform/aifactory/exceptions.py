@@ -156,3 +156,17 @@ class AuthenticationError(FactoryError):
 
 class PermissionDenied(FactoryError):
     """An authenticated caller may not do this (HTTP 403; cross-tenant reads answer 404 instead)."""
+
+
+class VariantRejected(FactoryError):
+    """An optimized variant (quantized, distilled) failed its quality gate: it is kept, but not servable."""
+
+    exit_code = 3
+
+    def __init__(self, ref: str, reason: str):
+        self.ref = ref
+        self.reason = reason
+        super().__init__(f"variant {ref} failed its quality gate and was registered as NOT servable: {reason}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.ref, self.reason))

@@ -185,7 +185,7 @@ class GPT(nn.Module):
         max_len = max_len or cfg.seq_len
         if max_len > cfg.seq_len:
             raise ValueError(f"max_len ({max_len}) exceeds the model's seq_len ({cfg.seq_len})")
-        ref = self.head.weight
+        ref = self.tok_emb.weight  # not head.weight: a quantized head (aifactory.optimize) has no weight tensor
         shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
         mk = lambda: torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype)  # noqa: E731
         return KVCache(keys=[mk() for _ in range(cfg.n_layers)], values=[mk() for _ in range(cfg.n_layers)])
