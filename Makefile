@@ -19,7 +19,8 @@ run: $(STAMP)
 	$(BIN)/factory run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --ignore=tests/multinode
+	$(BIN)/python -m pytest tests/multinode
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
