@@ -64,11 +64,13 @@ def _serving_plots(summaries: list[ConfigSummary], out: Path, slo_p99_ms: float 
     paths = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = [s.median("throughput_rps") for s in pts]
     for metric, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^-.")):
-        y = [s.median(metric) for s in pts]
-        yerr = list(zip(*[_err(s.metrics[metric]) for s in pts])) if pts else None
-        ax.errorbar(x, y, yerr=yerr, fmt=style, capsize=3, label=metric.replace("_ms", ""))
+        have = [s for s in pts if s.median(metric) is not None]  # an unmeasured percentile is left out
+        if not have:
+            continue
+        yerr = list(zip(*[_err(s.metrics[metric]) for s in have]))
+        ax.errorbar([s.median("throughput_rps") for s in have], [s.median(metric) for s in have], yerr=yerr,
+                    fmt=style, capsize=3, label=metric.replace("_ms", ""))
     for s in pts:
         ax.annotate(s.config_id, (s.median("throughput_rps"), s.median("p99_ms")), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))

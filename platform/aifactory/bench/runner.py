@@ -140,7 +140,8 @@ def run_sweep(
     context = collect_context(dataset_version=dataset_version, model_version=model_version, region=spec.region,
                               flags={"serve_replica_omp_num_threads": 1} if spec.kind.family == "serving" else None)
     http_port = ensure_serve(log) if spec.kind.family == "serving" else None
-    env = TrialEnv(run_id=run_id, tenant=spec.tenant.tenant, http_port=http_port)
+    env = TrialEnv(run_id=run_id, tenant=spec.tenant.tenant, http_port=http_port,
+                   storage_path=home.bench.rstrip("/") + "/_train")
     configs = len({t.config_id for t in trials})
     log(f"bench {run_id}: {configs} configuration(s) x {spec.repeats} repeats = {len(trials)} {spec.kind.value} "
         f"trials, {concurrency} at a time, tenant {spec.tenant}")

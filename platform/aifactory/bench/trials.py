@@ -29,6 +29,7 @@ class TrialEnv:
     run_id: str
     tenant: str
     http_port: int | None  # Serve's HTTP port, for serving kinds
+    storage_path: str | None = None  # Ray Train storage of training kinds
 
 
 def app_name(run_id: str, config_id: str) -> str:
