@@ -7,6 +7,7 @@ import sys
 from aifactory.pipeline.runner import RunContext, Stage, StageResult
 from aifactory.data.stage import ingest_stage
 from aifactory.train.stage import train_stage
+from aifactory.bench.stage import bench_stage
 from aifactory.tenancy import WorkloadKind
 
 
@@ -40,4 +41,6 @@ def default_stages() -> list[Stage]:
         Stage("smoke-job", "a tenant-tagged job through Ray's Job API", smoke_job, expected_s=8),
         Stage("ingest", "stdlib source -> a versioned, contract-checked Parquet dataset", ingest_stage, expected_s=20),
         Stage("train", "FSDP2 + bf16 training to a validated, registered model", train_stage, expected_s=80),
+        Stage("bench", "the smoke sweep on Ray Tune: 2 serving configurations x 3 repeats, CIs, cost per 1k requests",
+              bench_stage, expected_s=40),
     ]
