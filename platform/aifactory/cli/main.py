@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "aifactory.cli.run",
     "aifactory.cli.data",
     "aifactory.cli.train",
+    "aifactory.cli.optimize",
     "aifactory.cli.security",
     "aifactory.cli.bench",
     "aifactory.cli.serve",

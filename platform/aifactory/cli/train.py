@@ -96,10 +96,15 @@ def _models(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit([mv.to_dict() for mv in versions], "json")
         return 0
-    rows = [{"name": mv.name, "version": mv.version, "servable": mv.servable, "sha256": mv.sha256[:12],
-             "val_loss": (mv.manifest.get("metrics") or {}).get("val_loss"), "dataset": mv.manifest.get("dataset_version"),
+    from aifactory.optimize.lineage import variant_label, variant_tree
+
+    # Variants (quantized, distilled) are listed under their parents, indented, with their quality delta.
+    rows = [{"name": mv.name, "version": "  " * depth + ("└ " if depth else "") + mv.version,
+             "variant": variant_label(mv.manifest), "servable": mv.servable, "sha256": mv.sha256[:12],
+             "val_loss": (mv.manifest.get("metrics") or {}).get("val_loss"),
+             "delta": (mv.manifest.get("metrics") or {}).get("quality_delta"), "dataset": mv.manifest.get("dataset_version"),
              "run_id": mv.manifest.get("run_id"), "tenant": mv.manifest.get("tenant"), "created": mv.created_at}
-            for mv in versions]
+            for depth, mv in variant_tree(versions)]
     emit(rows, args.format)
     return 0
 

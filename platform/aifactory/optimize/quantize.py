@@ -160,6 +160,14 @@ def weight_bytes(model: nn.Module) -> int:
 
 # ---- the quantization job -------------------------------------------------------------------------------
 
+def check_parent(parent_mv) -> None:
+    """Refuse to quantize a version that is itself quantized (errors would compound, unmeasured)."""
+    method = (parent_mv.manifest.get("variant") or {}).get("method")
+    if method in METHODS:
+        raise ConfigError("MODEL_VERSION", [f"{parent_mv.ref} is already a {method} variant; quantize its "
+                                            f"float parent {parent_mv.manifest.get('parent')} instead"])
+
+
 def run_quantize(home, ref: str, spec, *, batches=None, log=lambda msg: None):
     """Quantize registered model ``ref`` with ``spec`` (a QuantizeSpec), gate it, register the variant.
 
@@ -177,10 +185,7 @@ def run_quantize(home, ref: str, spec, *, batches=None, log=lambda msg: None):
     registry = ModelRegistry(home)
     method = resolve_method(spec.method)
     parent_mv, parent = load_registered(registry, ref)
-    parent_method = (parent_mv.manifest.get("variant") or {}).get("method")
-    if parent_method in METHODS:
-        raise ConfigError("MODEL_VERSION", [f"{parent_mv.ref} is already a {parent_method} variant; quantize its "
-                                            f"float parent {parent_mv.manifest.get('parent')} instead"])
+    check_parent(parent_mv)
     t0 = time.perf_counter()
     variant = quantize_model(parent, method)
     quantize_s = time.perf_counter() - t0
