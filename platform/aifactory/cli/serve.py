@@ -103,6 +103,8 @@ def _deploy(args) -> int:
         _admit(home, tenant, {"CPU": cpus})
     progress(f"deploying {entry['name']} ({entry['import_path']}) ...")
     app = deploy.deploy(rest, entry, http_port=args.port)
+    _audit(home, "serve.deploy", entry["name"], tenant, {"import_path": entry["import_path"],
+                                                         "model": entry["args"].get("model_name")})
     emit(deploy.status(rest), args.format)
     return 0 if app.get("status") == "RUNNING" else 1
 
@@ -155,6 +157,7 @@ def _canary(args) -> int:
     home, rest = _rest(args)
     state = deploy.canary(rest, args.app, model_name=_model_of(rest, args.app), version=args.version,
                           percent=args.percent, registry=ModelRegistry(home))
+    _audit(home, "serve.canary", args.app, None, {"version": args.version, "percent": args.percent})
     emit_obj(state.model_dump(), args.format)
     return 0
 
@@ -165,6 +168,7 @@ def _promote(args) -> int:
 
     home, rest = _rest(args)
     state = deploy.promote(rest, args.app, registry=ModelRegistry(home), model_name=_model_of(rest, args.app))
+    _audit(home, "serve.promote", args.app, None, {"stable_version": state.stable_version})
     emit_obj(state.model_dump(), args.format)
     return 0
 
@@ -172,6 +176,17 @@ def _promote(args) -> int:
 def _rollback(args) -> int:
     from aifactory.serve import deploy
 
-    _, rest = _rest(args)
-    emit_obj(deploy.rollback(rest, args.app).model_dump(), args.format)
+    home, rest = _rest(args)
+    state = deploy.rollback(rest, args.app)
+    _audit(home, "serve.rollback", args.app, None, {"stable_version": state.stable_version})
+    emit_obj(state.model_dump(), args.format)
     return 0
+
+
+def _audit(home, action: str, app: str, tenant, detail: dict) -> None:
+    """One audit entry per serving change made from the CLI (the control API records its own)."""
+    from aifactory import audit
+    from aifactory.provenance import whoami
+
+    audit.record(home, actor=whoami(), action=action, target=app,
+                 tenant=getattr(tenant, "tenant", tenant), detail=detail)
