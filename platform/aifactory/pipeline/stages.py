@@ -7,7 +7,9 @@ import sys
 from aifactory.pipeline.runner import RunContext, Stage, StageResult
 from aifactory.data.stage import ingest_stage
 from aifactory.train.stage import train_stage
+from aifactory.serve.stage import serve_stage
 from aifactory.bench.stage import bench_stage
+from aifactory.cost.stage import costs_stage, metering_stage
 from aifactory.tenancy import WorkloadKind
 
 
@@ -38,9 +40,14 @@ def smoke_job(ctx: RunContext) -> StageResult:
 
 def default_stages() -> list[Stage]:
     return [
+        Stage("metering", "start the cost collector (Ray state API -> ledger)", metering_stage, expected_s=5),
         Stage("smoke-job", "a tenant-tagged job through Ray's Job API", smoke_job, expected_s=8),
         Stage("ingest", "stdlib source -> a versioned, contract-checked Parquet dataset", ingest_stage, expected_s=20),
         Stage("train", "FSDP2 + bf16 training to a validated, registered model", train_stage, expected_s=80),
+        Stage("serve", "deploy the model on Ray Serve, a bounded burst: p50/p95/p99, cache hits", serve_stage,
+              expected_s=40),
         Stage("bench", "the smoke sweep on Ray Tune: 2 serving configurations x 3 repeats, CIs, cost per 1k requests",
               bench_stage, expected_s=40),
+        Stage("costs", "the per-tenant cost table of everything this run used, idle included", costs_stage,
+              expected_s=10),
     ]

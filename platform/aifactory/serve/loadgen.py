@@ -1,0 +1,112 @@
+"""A bounded HTTP load generator for the serve stage and the benchmarks (closed loop or fixed rate).
+
+Closed loop: ``concurrency`` clients, each sending its next request when the previous answer arrives,
+until ``total`` requests are done. Open loop: requests start at ``rate_rps`` regardless of answers (with
+at most ``max_in_flight`` outstanding), which is what overload needs. Latencies are per request,
+wall-clock; figures come from :func:`summarize`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoadResult:
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    reject_latencies_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def summary(self) -> dict:
+        return summarize(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(r: LoadResult) -> dict:
+    ok = r.latencies_s
+    return {
+        "requests": len(r.statuses),
+        "ok": sum(1 for s in r.statuses if s == 200),
+        "rejected": sum(1 for s in r.statuses if s in (429, 503)),
+        "errors": sum(1 for s in r.statuses if s not in (200, 429, 503)),
+        "throughput_rps": len(ok) / r.wall_s if r.wall_s else 0.0,
+        "p50_ms": percentile(ok, 50) * 1e3,
+        "p95_ms": percentile(ok, 95) * 1e3,
+        "p99_ms": percentile(ok, 99) * 1e3,
+        "reject_p99_ms": percentile(r.reject_latencies_s, 99) * 1e3 if r.reject_latencies_s else None,
+        "wall_s": r.wall_s,
+    }
+
+
+async def _one(client, url: str, body: dict, headers: dict, out: LoadResult) -> None:
+    t0 = time.perf_counter()
+    try:
+        resp = await client.post(url, json=body, headers=headers)
+        status = resp.status_code
+    except Exception:  # a refused/reset connection counts as a failed request, never as a success
+        status = 599
+    dt = time.perf_counter() - t0
+    out.statuses.append(status)
+    if status == 200:
+        out.latencies_s.append(dt)
+    elif status in (429, 503):
+        out.reject_latencies_s.append(dt)
+
+
+async def closed_loop(url: str, make_body: Callable[[int], dict], *, concurrency: int, total: int,
+                      headers: dict | None = None, timeout_s: float = 60.0) -> LoadResult:
+    import httpx
+
+    out = LoadResult()
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def worker():
+            for i in counter:
+                await _one(client, url, make_body(i), headers or {}, out)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        out.wall_s = time.perf_counter() - t0
+    return out
+
+
+async def open_loop(url: str, make_body: Callable[[int], dict], *, rate_rps: float, duration_s: float,
+                    max_in_flight: int = 512, headers: dict | None = None, timeout_s: float = 60.0) -> LoadResult:
+    import httpx
+
+    out = LoadResult()
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    sem = asyncio.Semaphore(max_in_flight)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        tasks = []
+        t0 = time.perf_counter()
+        n = int(rate_rps * duration_s)
+        for i in range(n):
+            delay = t0 + i / rate_rps - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await sem.acquire()
+
+            async def run(i=i):
+                try:
+                    await _one(client, url, make_body(i), headers or {}, out)
+                finally:
+                    sem.release()
+
+            tasks.append(asyncio.create_task(run()))
+        await asyncio.gather(*tasks)
+        out.wall_s = time.perf_counter() - t0
+    return out

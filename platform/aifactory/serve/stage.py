@@ -1,0 +1,91 @@
+"""The ``serve`` stage of ``factory run``: deploy the fresh model version, a short bounded burst, shut down.
+
+Deploys the completions app declaratively (as ``factory serve deploy`` does), sends a bounded closed-loop
+burst on 127.0.0.1 (a mix of repeated deterministic prompts, sampled ones, and both SLO classes), and
+reports p50/p95/p99, the cache hit ratio and the tenant's counted usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.request
+
+from aifactory.pipeline.runner import RunContext, StageResult
+
+BURST_REQUESTS = 120
+CONCURRENCY = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_stage(ctx: RunContext) -> StageResult:
+    from ray import serve
+
+    from aifactory.cluster.connect import auth_headers, ray_env
+    from aifactory.exceptions import FactoryError
+    from aifactory.serve import deploy
+    from aifactory.serve.config import AutoscalingSpec, CompletionsArgs, SLOClassConfig
+    from aifactory.serve.loadgen import closed_loop
+    from aifactory.serve.usage import tenant_usage
+
+    name, version = ctx.artifacts.get("model_name"), ctx.artifacts.get("model_version")
+    if not name:
+        raise FactoryError("the serve stage needs a registered model: run the train stage first (no model_name)")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    rest = deploy.ServeREST(ctx.address.dashboard_url, auth_headers(ray_env(ctx.home)))
+    one = AutoscalingSpec(min_replicas=1, max_replicas=1, slo_aware=False)
+    args = CompletionsArgs(
+        model_name=name, model_version=version, home=str(ctx.home.root),
+        interactive=SLOClassConfig(num_cpus=0.25, autoscaling=one),
+        batch=SLOClassConfig(num_cpus=0.25, autoscaling=one, max_ongoing_requests=64, max_queued_requests=256),
+        canary=SLOClassConfig(num_cpus=0.25, autoscaling=one),
+    )
+    app = "completions"
+    t0 = time.monotonic()
+    try:
+        deploy.deploy(rest, deploy.completions_entry(args, name=app), http_port=port, wait_s=180)
+        deploy_s = time.monotonic() - t0
+        ctx.log(f"  serve: {name}:{version} deployed in {deploy_s:.1f}s on http://127.0.0.1:{port}/{app}")
+        base = f"http://127.0.0.1:{port}/{app}"
+        prompts = ["def main():", "import os\n", "class Config:", "for i in range(", "# sum two numbers\n"]
+
+        def body(i: int) -> dict:
+            # Two thirds deterministic over a few prompts (cache hits after the first), one third sampled.
+            if i % 3:
+                return {"model": name, "prompt": prompts[i % len(prompts)], "max_tokens": 16, "temperature": 0}
+            return {"model": name, "prompt": f"x{i} = ", "max_tokens": 16, "temperature": 0.8}
+
+        headers = {"X-Tenant": ctx.tenant.tenant}
+        result = asyncio.run(closed_loop(f"{base}/v1/completions", body, concurrency=CONCURRENCY,
+                                         total=BURST_REQUESTS, headers=headers))
+        s = result.summary()
+        with urllib.request.urlopen(f"{base}/v1/status", timeout=30) as resp:
+            status = json.loads(resp.read())
+        time.sleep(1.0)  # replicas flush usage deltas every 0.5 s
+        usage = tenant_usage(app).get(ctx.tenant.tenant, {})
+        hit_ratio = (status.get("exact_cache") or {}).get("hit_ratio", 0.0)
+        ok = s["ok"] == s["requests"]
+        return StageResult(
+            ok=ok,
+            summary={
+                "model": f"{name}:{version}", "deploy_s": round(deploy_s, 1), "requests": s["requests"],
+                "ok": s["ok"], "rps": round(s["throughput_rps"], 1), "p50_ms": round(s["p50_ms"], 1),
+                "p95_ms": round(s["p95_ms"], 1), "p99_ms": round(s["p99_ms"], 1),
+                "cache_hit_ratio": round(hit_ratio, 3),
+                "tenant_requests": usage.get("requests"), "tenant_tokens": usage.get("tokens"),
+            },
+            note="" if ok else f"({s['requests'] - s['ok']} requests failed)",
+        )
+    finally:
+        try:
+            deploy.delete_app(rest, app)
+        finally:
+            serve.shutdown()
