@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/factory run
 
 test: $(STAMP)
+	tests/tools/ensure_prometheus.sh
 	$(BIN)/python -m pytest tests --ignore=tests/multinode
 	$(BIN)/python -m pytest tests/multinode
 

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "aifactory.cli.security",
     "aifactory.cli.bench",
     "aifactory.cli.serve",
+    "aifactory.cli.costs",
 ]
 
 

@@ -58,7 +58,8 @@ def _run(args: argparse.Namespace) -> int:
                 "stage": o.stage.name,
                 "status": o.status,
                 "seconds": round(o.seconds, 1),
-                "result": "; ".join(f"{k}={v}" for k, v in (o.result.summary if o.result else {}).items())
+                "result": "; ".join(f"{k}={v}" for k, v in (o.result.summary if o.result else {}).items()
+                           if not k.startswith("_"))
                 or (o.error or ""),
             }
             for o in outcomes

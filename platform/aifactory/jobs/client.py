@@ -66,7 +66,7 @@ class Client:
         project: str = "default",
         *,
         home: FactoryHome | None = None,
-        admission: Sequence[AdmissionCheck] = (),
+        admission: Sequence[AdmissionCheck] | None = None,
         actor: str | None = None,
     ):
         self.home = home or FactoryHome.from_env()
@@ -79,6 +79,11 @@ class Client:
         if resolved is None:
             raise ClusterUnreachable("(no address)", "no --address, no RAY_ADDRESS and no `factory up` cluster")
         self.address = resolved
+        if admission is None:
+            # Default: the cost package's quota and budget check (pass admission=() to skip it).
+            from aifactory.cost.admission import admission_check
+
+            admission = [admission_check(self.home)]
         self._admission = list(admission)
         apply_ray_env(self.home)
         from ray.job_submission import JobSubmissionClient

@@ -1,0 +1,160 @@
+"""``factory costs``: per-tenant costs from the ledger (no cluster needed), KPIs, budgets, quotas, exports."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from aifactory.cli._common import home_of
+from aifactory.cli._output import emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("costs", help="per-tenant costs, KPIs, budgets and quotas (reads the ledger)")
+    _common(p)
+    p.add_argument("--by", default="tenant", choices=["tenant", "project", "job", "deployment", "day", "resource"],
+                   help="group rows by this")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+    p.set_defaults(func=_costs)
+    cmds = p.add_subparsers(dest="costs_command", metavar="SUBCOMMAND")
+
+    r = cmds.add_parser("report", help="write an HTML cost report with PNG charts")
+    _common(r)
+    r.add_argument("--out", help="output directory (default: <home>/reports/costs-<time>)")
+    r.set_defaults(func=_report)
+
+    k = cmds.add_parser("kpis", help="KPIs per tenant and project (cost per job, per 1k requests, ...)")
+    _common(k)
+    k.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    k.set_defaults(func=_kpis)
+
+    b = cmds.add_parser("budgets", help="budgets: spend in the current period against soft/hard limits")
+    b.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    b.set_defaults(func=_budgets)
+
+    s = cmds.add_parser("set-budget", help="set a tenant's budget in <home>/budgets.yaml")
+    s.add_argument("tenant")
+    s.add_argument("--period", choices=("day", "week", "month"), default="month")
+    s.add_argument("--soft-usd", type=float)
+    s.add_argument("--hard-usd", type=float)
+    s.set_defaults(func=_set_budget)
+
+    q = cmds.add_parser("set-quota", help="set a tenant's concurrent CPU/GPU quota in <home>/budgets.yaml")
+    q.add_argument("tenant")
+    q.add_argument("--cpu", type=float)
+    q.add_argument("--gpu", type=float)
+    q.set_defaults(func=_set_quota)
+
+    e = cmds.add_parser("export", help="serve the Prometheus cost metrics on 127.0.0.1 until interrupted")
+    e.add_argument("--port", type=int, default=9464)
+    e.set_defaults(func=_export)
+
+    d = cmds.add_parser("dashboard", help="write the Grafana dashboard (provisioning files); push if configured")
+    d.add_argument("--out", help="directory (default: <home>/grafana)")
+    d.add_argument("--push", action="store_true", help="push via grafana-client (AIFACTORY_GRAFANA_URL/_TOKEN)")
+    d.set_defaults(func=_dashboard)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", help="only this tenant")
+    p.add_argument("--since", help="from: a duration (2h, 7d), an ISO date or Unix seconds (default: all)")
+    p.add_argument("--ledger", help="ledger file (default: <home>/ledger.sqlite)")
+    p.add_argument("--pricebook", help="price book YAML (default: <home>/pricebook.yaml, else the packaged one)")
+
+
+def _load(args):
+    from aifactory.cost.kpis import parse_since
+    from aifactory.cost.ledger import Ledger
+    from aifactory.cost.pricebook import load_price_book
+
+    home = home_of(args)
+    ledger = Ledger(args.ledger) if getattr(args, "ledger", None) else Ledger.of(home)
+    book = load_price_book(getattr(args, "pricebook", None), home=home)
+    since = parse_since(getattr(args, "since", None), now=time.time())
+    return home, ledger, book, since
+
+
+def _costs(args) -> int:
+    from aifactory.cost.kpis import cost_rows
+
+    _home, ledger, book, since = _load(args)
+    rows = cost_rows(ledger.usage(since=since, tenant=args.tenant), book, by=args.by)
+    emit(rows, args.format)
+    return 0
+
+
+def _kpis(args) -> int:
+    from aifactory.cost.kpis import kpis
+
+    _home, ledger, book, since = _load(args)
+    rows = kpis(ledger.usage(since=since, tenant=args.tenant), book,
+                serve_usage=ledger.serve_usage(since=since, tenant=args.tenant),
+                events=ledger.events(since=since, tenant=args.tenant))
+    emit(rows, args.format)
+    return 0
+
+
+def _report(args) -> int:
+    from aifactory.cost.report import write_report
+
+    home, ledger, book, since = _load(args)
+    out = args.out or str(home.root / "reports" / time.strftime("costs-%Y%m%d-%H%M%S"))
+    path = write_report(out, ledger=ledger, book=book, since=since, tenant=args.tenant)
+    print(path)
+    return 0
+
+
+def _budgets(args) -> int:
+    from aifactory.cost.budgets import budget_status
+
+    emit(budget_status(home_of(args)), args.format)
+    return 0
+
+
+def _edit_limits(args, section: str, values: dict) -> int:
+    from aifactory.config import parse_config
+    from aifactory.cost.budgets import BudgetsConfig, budgets_path, load_budgets, save_budgets
+
+    home = home_of(args)
+    data = load_budgets(home).model_dump(mode="json", exclude_none=True)
+    entry = data.setdefault("tenants", {}).setdefault(args.tenant, {})
+    entry[section] = {k: v for k, v in values.items() if v is not None}
+    cfg = parse_config(BudgetsConfig, data, source=f"{section} of tenant {args.tenant}")
+    save_budgets(home, cfg)
+    from aifactory import audit
+    from aifactory.provenance import whoami
+
+    audit.record(home, actor=whoami(), action=f"{section}.set", target=args.tenant, tenant=args.tenant,
+                 detail={"after": entry[section]})
+    print(f"{budgets_path(home)}: {args.tenant} {section} = {entry[section]}")
+    return 0
+
+
+def _set_budget(args) -> int:
+    return _edit_limits(args, "budget", {"period": args.period, "soft_usd": args.soft_usd, "hard_usd": args.hard_usd})
+
+
+def _set_quota(args) -> int:
+    return _edit_limits(args, "quota", {"cpu": args.cpu, "gpu": args.gpu})
+
+
+def _export(args) -> int:
+    from aifactory.cost.exporter import serve_exporter
+
+    home = home_of(args)
+    port = serve_exporter(home.ledger_path, port=args.port, home_root=home.root)
+    print(f"serving cost metrics on http://127.0.0.1:{port}/metrics (Ctrl-C stops)", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def _dashboard(args) -> int:
+    from aifactory.cost.dashboards import push, write_provisioning
+
+    home = home_of(args)
+    path = write_provisioning(args.out or home.root / "grafana")
+    print(path)
+    if args.push:
+        result = push()
+        print("pushed" if result is not None else "not pushed: set AIFACTORY_GRAFANA_URL and AIFACTORY_GRAFANA_TOKEN")
+    return 0

@@ -1,0 +1,260 @@
+"""The collector: one detached, named Ray actor per cluster that samples the state API and fills the ledger.
+
+Every ``sample_interval_s`` it takes a :class:`~aifactory.cost.sampler.Snapshot`, feeds the pure
+:class:`~aifactory.cost.attribution.Tracker`, measures used CPU with psutil, and publishes each tenant's
+current holdings (for quotas). Each closed window of ``window_s`` seconds (aligned to the clock) is
+attributed and committed to the ledger in one transaction together with the tracker state, so a
+collector killed at any point and restarted resumes at the first uncommitted window: nothing lost,
+nothing counted twice (record keys are idempotent too). Holders that Ray gives start/end times for
+(jobs, tasks) are exact across the gap; others get a midpoint estimate.
+
+Start it with :func:`start_collector` from a Ray driver (``factory run``'s metering stage does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+
+from pydantic import Field
+
+from aifactory.config import StrictModel
+from aifactory.cost.attribution import CapacityPoint, Tracker, attribute
+from aifactory.cost.ledger import Ledger
+from aifactory.cost.records import PricingClass, Resource
+from aifactory.tenancy import UNATTRIBUTED
+
+log = logging.getLogger("aifactory.cost")
+
+COLLECTOR_NAME = "aifactory-cost-collector"
+NAMESPACE = "aifactory"
+
+
+class CollectorConfig(StrictModel):
+    ledger_path: str = Field(description="SQLite ledger file (FactoryHome.ledger_path).")
+    cluster_id: str = Field(default="default", description="Names this cluster's cursor in a shared ledger.")
+    dashboard_url: str | None = Field(default=None, description="State API address; None = the current cluster.")
+    sample_interval_s: float = Field(default=10.0, gt=0, le=300, description="Seconds between samples.")
+    window_s: float = Field(default=60.0, gt=0, description="Ledger window; a multiple of the sample interval.")
+    region: str = Field(default="local", description="Price-book region of this cluster.")
+    pricing_class: PricingClass = Field(default=PricingClass.ON_DEMAND, description="Reserved or on-demand.")
+    exporter_port: int | None = Field(default=None, description="Serve the Prometheus exporter on 127.0.0.1:port.")
+
+
+class CollectorCore:
+    """The collector's logic without the actor: :meth:`step` samples once and commits closed windows."""
+
+    def __init__(self, config: CollectorConfig):
+        self.config = config
+        self.ledger = Ledger(config.ledger_path)
+        cursor, state = self.ledger.collector_state(config.cluster_id)
+        self.tracker = Tracker.from_json(state.get("tracker"))
+        self.capacity = [CapacityPoint(p["t"], {(r, s): v for r, s, v in p["resources"]})
+                         for p in state.get("capacity", [])]
+        now = time.time()
+        self.cursor = cursor if cursor is not None else math.floor(now / config.window_s) * config.window_s
+        self.resumed = cursor is not None
+        self._last_cpu: dict[str, float] = {}
+        self._used: dict[tuple[float, str], float] = defaultdict(float)  # (window start, holder) -> CPU-s
+        self._last_serve: dict = state.get("serve", {})
+        self._serve_rows: dict[tuple[float, str, str], dict] = {}
+        self.samples = 0
+        self.windows = 0
+        self.records = 0
+        self.last_error: str | None = None
+        from aifactory.cost.sampler import gpu_status
+
+        self.gpu = gpu_status()
+
+    def _window_of(self, t: float) -> float:
+        return math.floor(t / self.config.window_s) * self.config.window_s
+
+    def step(self) -> int:
+        """Sample once; commit every window that closed. Returns the number of new ledger records."""
+        from aifactory.cost.sampler import cpu_seconds, take_snapshot
+
+        snap = take_snapshot(self.config.dashboard_url, last_serve=self._last_serve)
+        self.samples += 1
+        if not self.capacity or dict(self.capacity[-1].resources) != snap.capacity:
+            self.capacity.append(CapacityPoint(snap.t, dict(snap.capacity)))
+        self.tracker.observe(snap.t, snap.holdings)
+        for holder, pids in snap.pids.items():
+            cpu = cpu_seconds(pids)
+            if cpu is None:
+                continue
+            if holder in self._last_cpu:
+                self._used[(self._window_of(snap.t), holder)] += max(0.0, cpu - self._last_cpu[holder])
+            self._last_cpu[holder] = cpu
+        self._track_serve(snap)
+        self._publish_live()
+        return self._commit_closed()
+
+    def _track_serve(self, snap) -> None:
+        w = self._window_of(snap.t)
+        for app, tenants in snap.serve_usage.items():
+            for tenant, row in tenants.items():
+                before = (self._last_serve.get(app) or {}).get(tenant) or {}
+                key = (w, app, tenant)
+                acc = self._serve_rows.setdefault(key, {"requests": 0.0, "processing_s": 0.0, "tokens": 0.0})
+                for k in acc:
+                    acc[k] += max(0.0, float(row.get(k, 0.0)) - float(before.get(k, 0.0)))
+        if snap.serve_usage:
+            self._last_serve = {a: {t: dict(r) for t, r in ts.items()} for a, ts in snap.serve_usage.items()}
+
+    def _publish_live(self) -> None:
+        amounts: dict[tuple[str, str], float] = defaultdict(float)
+        for h in self.tracker.open.values():
+            total = sum(v for v in (h.shares or {}).values() if v > 0)
+            parts = ([(k.split("/")[0], v / total) for k, v in h.shares.items() if v > 0] if total
+                     else [(h.tenant, 1.0)])
+            for (resource, _sku), amount in h.resources.items():
+                for tenant, frac in parts:
+                    amounts[(tenant, resource)] += amount * frac
+        self.ledger.set_live(self.config.cluster_id, amounts)
+
+    def _commit_closed(self) -> int:
+        written = 0
+        w = self.config.window_s
+        while self.tracker.last_t is not None and self.cursor + w <= self.tracker.last_t:
+            start, end = self.cursor, self.cursor + w
+            records = attribute(self.tracker.holdings(), self.capacity, start, end,
+                                region=self.config.region, pricing_class=self.config.pricing_class)
+            records = self._attach_used(records, start)
+            serve_rows = [
+                {"key": f"{self.config.cluster_id}|{ws}|{app}|{tenant}", "window_start": ws, "window_end": ws + w,
+                 "tenant": tenant or UNATTRIBUTED, "application": app, **vals}
+                for (ws, app, tenant), vals in self._serve_rows.items() if ws == start
+            ]
+            self.tracker.prune(end)
+            keep = [p for p in self.capacity if p.t >= end]
+            before = [p for p in self.capacity if p.t < end]
+            self.capacity = before[-1:] + keep
+            state = {
+                "tracker": self.tracker.to_json(),
+                "capacity": [{"t": p.t, "resources": [[r, s, v] for (r, s), v in p.resources.items()]}
+                             for p in self.capacity],
+                "serve": self._last_serve,
+            }
+            written += self.ledger.commit_window(self.config.cluster_id, records, cursor=end, state=state,
+                                                 serve_rows=serve_rows)
+            for key in [k for k in self._serve_rows if k[0] <= start]:
+                del self._serve_rows[key]
+            for key in [k for k in self._used if k[0] <= start]:
+                del self._used[key]
+            self.cursor = end
+            self.windows += 1
+        self.records += written
+        return written
+
+    def _attach_used(self, records, window_start: float):
+        """Set ``used_s`` on CPU records of holders whose processes were measured in this window."""
+        cpu_s_by_holder: dict[str, float] = defaultdict(float)
+        for r in records:
+            if r.resource == Resource.CPU and r.holder:
+                cpu_s_by_holder[r.holder] += r.quantity_s
+        out = []
+        for r in records:
+            used = self._used.get((window_start, r.holder)) if r.resource == Resource.CPU else None
+            if used is not None and cpu_s_by_holder[r.holder] > 0:
+                # A shared replica's measured CPU is split like its allocation.
+                r = r.model_copy(update={"used_s": used * r.quantity_s / cpu_s_by_holder[r.holder]})
+            out.append(r)
+        return out
+
+    def status(self) -> dict:
+        return {"cluster_id": self.config.cluster_id, "cursor": self.cursor, "samples": self.samples,
+                "windows": self.windows, "records": self.records, "resumed": self.resumed,
+                "open_holders": len(self.tracker.open), "gpu": self.gpu, "last_error": self.last_error,
+                "ledger": str(self.ledger.path)}
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class CostCollector:
+        """Runs :class:`CollectorCore` in a thread; a restarted actor resumes from the ledger."""
+
+        def __init__(self, config: dict):
+            self.config = CollectorConfig.model_validate(config)
+            self.core = CollectorCore(self.config)
+            self._lock = threading.Lock()
+            self._stop = threading.Event()
+            self.exporter_port = None
+            if self.config.exporter_port is not None:
+                from aifactory.cost.exporter import serve_exporter
+
+                self.exporter_port = serve_exporter(self.config.ledger_path, port=self.config.exporter_port)
+            threading.Thread(target=self._loop, daemon=True, name="cost-collector").start()
+
+        def _loop(self) -> None:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                self._step()
+                self._stop.wait(max(0.0, self.config.sample_interval_s - (time.monotonic() - t0)))
+
+        def _step(self) -> int:
+            with self._lock:
+                try:
+                    n = self.core.step()
+                    self.core.last_error = None
+                    return n
+                except Exception as err:  # noqa: BLE001 - keep sampling; the status shows the error
+                    self.core.last_error = f"{type(err).__name__}: {err}"
+                    log.exception("cost collector step failed")
+                    return 0
+
+        def flush(self) -> dict:
+            """Sample now (commits closed windows) and return the status."""
+            self._step()
+            return self.status()
+
+        def status(self) -> dict:
+            import os
+
+            return {**self.core.status(), "pid": os.getpid(), "exporter_port": self.exporter_port}
+
+        def stop(self) -> None:
+            self._stop.set()
+
+    return CostCollector
+
+
+def start_collector(config: CollectorConfig):
+    """Start (or find) this cluster's collector actor; call from a Ray driver. Returns its handle."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node (the head, in the factory's clusters): psutil can see the processes there.
+    strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return _actor_class().options(
+        name=COLLECTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=strategy,
+    ).remote(config.model_dump(mode="json"))
+
+
+def get_collector():
+    """The running collector's handle, or None."""
+    import ray
+
+    try:
+        return ray.get_actor(COLLECTOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def stop_collector(*, timeout_s: float = 30.0) -> bool:
+    """Stop the collector (its committed windows stay in the ledger). Returns whether one was running."""
+    import ray
+
+    handle = get_collector()
+    if handle is None:
+        return False
+    try:
+        ray.get(handle.stop.remote(), timeout=timeout_s)
+    finally:
+        ray.kill(handle, no_restart=True)
+    return True
