@@ -263,3 +263,16 @@ def test_parse_since_refuses_non_times(text):
     except ConfigError:
         return
     assert value == value and abs(value) < float("inf")  # if accepted, it is a finite time
+
+
+def test_registry_by_bare_path_uses_its_own_homes_key(tmp_path, home, monkeypatch):
+    """Serve replicas get `<home>/registry` as a string, whatever AIFACTORY_HOME says in their environment."""
+    from aifactory.registry import ModelRegistry
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"\x03" * 512)
+    mv = ModelRegistry(home).register("tiny", weights_path=str(weights), model_config={}, manifest={"tenant": "a"})
+    monkeypatch.setenv("AIFACTORY_HOME", str(tmp_path / "elsewhere"))
+    reg = ModelRegistry(home.registry)
+    reg.verify(reg.get("tiny", mv.version))
+    assert not (tmp_path / "elsewhere" / "security").exists()  # no stray second key was made

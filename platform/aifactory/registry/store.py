@@ -70,6 +70,14 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _home_of(location: str) -> FactoryHome:
+    if not is_uri(location):
+        parent = Path(location).expanduser().resolve().parent
+        if (parent / "security" / "signing_key.pub.pem").is_file():
+            return FactoryHome.from_env(parent)
+    return FactoryHome.from_env()
+
+
 def _signed(home: FactoryHome, record: ModelVersion) -> ModelVersion:
     """``record`` with the factory's ed25519 signature of its manifest in ``extra["signature"]``."""
     from aifactory.security.signing import sign_model
@@ -90,8 +98,9 @@ class ModelRegistry:
     def __init__(self, home: FactoryHome | str | Path):
         self.location = home.registry if isinstance(home, FactoryHome) else str(home)
         # The factory's signing key lives under the home (aifactory.security.signing), even when the
-        # registry itself is a URI or a bare path.
-        self._home = home if isinstance(home, FactoryHome) else FactoryHome.from_env()
+        # registry itself is a URI or a bare path: a bare `<home>/registry` path (as Serve replicas get it)
+        # finds its home's key next to it, anything else uses $AIFACTORY_HOME.
+        self._home = home if isinstance(home, FactoryHome) else _home_of(str(home))
         self._fs, self._root = filesystem(self.location)
         self._local = not is_uri(self.location)
 
@@ -253,13 +262,18 @@ class ModelRegistry:
             raise NotFound("servable model", name, "train one with `factory train`; `factory models` lists versions")
         return servable[-1]
 
-    def verify(self, mv: ModelVersion) -> ModelVersion:
-        """Check the manifest's signature, then re-hash the weights; raise IntegrityError on any mismatch."""
+    def verify_signature(self, mv: ModelVersion) -> ModelVersion:
+        """Check the factory's ed25519 signature of the version's manifest; IntegrityError if it does not match."""
         from aifactory.security.signing import model_document, verify_document
 
         doc = model_document(name=mv.name, version=mv.version, sha256=mv.sha256, model_config=mv.model_config,
                              manifest=mv.manifest)
         verify_document(self._home, doc, mv.extra.get("signature"), where=f"model {mv.ref} ({RECORD})")
+        return mv
+
+    def verify(self, mv: ModelVersion) -> ModelVersion:
+        """Check the manifest's signature, then re-hash the weights; raise IntegrityError on any mismatch."""
+        self.verify_signature(mv)
         try:
             actual = sha256_file(mv.weights_path)
         except (FileNotFoundError, OSError):

@@ -47,7 +47,8 @@ def load_version(registry_location: str, name: str, version: str | None) -> Load
     from aifactory.registry import ModelRegistry
 
     t0 = time.monotonic()
-    mv = ModelRegistry(registry_location).get(name, version)
+    registry = ModelRegistry(registry_location)
+    mv = registry.verify_signature(registry.get(name, version))  # a re-labelled manifest never loads
     fs, path = filesystem(mv.weights_path)
     try:
         with fs.open_input_stream(path) as f:
