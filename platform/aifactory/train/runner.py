@@ -141,9 +141,15 @@ def run_training(
 
 
 def rerun(run_id: str, *, home: FactoryHome, log: Callable[[str], None] = lambda msg: None) -> tuple[TrainOutcome, dict[str, Any]]:
-    """Re-execute a run from its manifest (same job, dataset version, seed); compare validation curves."""
+    """Re-execute a run from its manifest (same job, dataset version, seed); compare validation curves.
+
+    Injected faults are not replayed: a rerun reproduces the training, and a run that was killed and
+    resumed must match one that was not.
+    """
+    from aifactory.train.config import FaultSpec
+
     old = runs.read_manifest(home, run_id)
-    job = TrainJob.model_validate(old["job"])
+    job = TrainJob.model_validate(old["job"]).model_copy(update={"faults": FaultSpec()})
     outcome = run_training(job, home=home, parent_run=run_id, log=log)
     comparison = runs.compare_curves(old.get("metrics", {}).get("val_curve", []), outcome.metrics.get("val_curve", []))
     outcome.manifest["rerun_of"] = {"run_id": run_id, **comparison}
