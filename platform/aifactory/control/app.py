@@ -52,15 +52,9 @@ class ControlState:
         """A jobs client acting for ``principal`` (and ``tenant`` when it submits), holding the cluster token."""
         from aifactory.jobs import Client
 
-        admission = []
-        try:
-            from aifactory.cost.admission import admission_check
-        except ImportError:  # the cost package is optional in a trimmed install; jobs still work
-            pass
-        else:
-            admission.append(admission_check(self.home))
-        return Client(address=self.address, tenant=tenant, project=project, home=self.home,
-                      admission=admission, actor=principal.actor)
+        # The client's default admission is the cost package's quota and budget check: it runs here,
+        # server-side, where a tenant cannot skip it.
+        return Client(address=self.address, tenant=tenant, project=project, home=self.home, actor=principal.actor)
 
 
 def state_of(request: Request) -> ControlState:
