@@ -138,3 +138,14 @@ def test_tracker_roundtrip_resumes_open_intervals():
     # once committed, a finished holder seen again (Ray keeps finished jobs listed) is ignored
     restored.observe(30.0, [Holding("a", "alpha", {CPU: 1.0}, start=0.0, end=15.0)])
     assert "a" not in restored.closed and "a" not in restored.open
+
+
+def test_holder_missing_from_one_sample_is_reopened_not_lost():
+    tr = Tracker()
+    h = Holding("job:x", "alpha", {CPU: 1.0}, start=0.0)
+    tr.observe(0.0, [h])
+    tr.observe(10.0, [])  # a partial answer: the job seems gone
+    tr.observe(20.0, [h])
+    tr.observe(30.0, [Holding("job:x", "alpha", {CPU: 1.0}, start=0.0, end=28.0)])
+    recs = attribute(tr.holdings(), [CapacityPoint(0.0, {CPU: 2.0})], 0.0, 40.0)
+    assert totals_by(recs)[("alpha", "cpu")] == pytest.approx(28.0)

@@ -78,6 +78,15 @@ class Tracker:
             if obs.end is not None and obs.end <= self.horizon:
                 continue
             if obs.holder in self.closed:
+                # Seen again after we inferred its end (a partial state-API answer, a restart): it never
+                # stopped holding. Reopen it, or take the end Ray now reports.
+                gone = self.closed[obs.holder]
+                if obs.end is not None:
+                    self.closed[obs.holder] = replace(gone, end=obs.end)
+                else:
+                    del self.closed[obs.holder]
+                    self.open[obs.holder] = replace(obs, start=gone.start, end=None)
+                seen.add(obs.holder)
                 continue
             seen.add(obs.holder)
             current = self.open.get(obs.holder)

@@ -118,7 +118,10 @@ class CollectorCore:
     def _commit_closed(self) -> int:
         written = 0
         w = self.config.window_s
-        while self.tracker.last_t is not None and self.cursor + w <= self.tracker.last_t:
+        # Commit a window only after two more samples: a holder missing from one partial state-API answer
+        # is reopened by the tracker before its window is written.
+        lag = 2 * self.config.sample_interval_s
+        while self.tracker.last_t is not None and self.cursor + w <= self.tracker.last_t - lag:
             start, end = self.cursor, self.cursor + w
             records = attribute(self.tracker.holdings(), self.capacity, start, end,
                                 region=self.config.region, pricing_class=self.config.pricing_class)
