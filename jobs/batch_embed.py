@@ -27,8 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tenant", default="demo")
     p.add_argument("--project", default="default")
     args = p.parse_args(argv)
-    import ray
-
     home = FactoryHome.from_env().ensure()
     tenant = TenantRef(tenant=args.tenant, project=args.project)
     cfg = EmbedConfig(source=args.source, max_docs=args.max_docs, batch_size=args.batch_size, num_actors=args.num_actors)
@@ -36,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = job_metadata(tenant, workload=WorkloadKind.BATCH_INFERENCE, code_version=code.sha, code_dirty=code.dirty,
                         extra={"entrypoint": "jobs.batch_embed"})
     init_ray(home, address=resolve_address(home), job_metadata=meta)
+    import ray  # after init_ray: Ray reads RAY_AUTH_MODE, which init_ray sets, once at import
+
     try:
         result = run_batch_embed(home, cfg, tenant=tenant, log=lambda msg: print(msg, flush=True))
         print(json.dumps(result.summary()))

@@ -27,8 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tenant", default="demo")
     p.add_argument("--project", default="default")
     args = p.parse_args(argv)
-    import ray
-
     home = FactoryHome.from_env().ensure()
     tenant = TenantRef(tenant=args.tenant, project=args.project)
     cfg = IngestConfig(source=args.source, seq_len=args.seq_len, max_mb=args.max_mb, target_shard_mb=args.target_shard_mb)
@@ -36,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = job_metadata(tenant, workload=WorkloadKind.INGEST, code_version=code.sha, code_dirty=code.dirty,
                         extra={"entrypoint": "jobs.ingest"})
     init_ray(home, address=resolve_address(home), job_metadata=meta)
+    import ray  # after init_ray: Ray reads RAY_AUTH_MODE, which init_ray sets, once at import
+
     try:
         result = ingest(home, cfg, tenant=tenant, log=lambda msg: print(msg, flush=True))
         print(json.dumps(result.summary()))

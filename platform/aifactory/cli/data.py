@@ -51,8 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def _ray(args, home, tenant, workload, entrypoint: str):
     """In-process on the cluster of --address / RAY_ADDRESS / `factory up`, else an embedded one."""
-    import ray
-
     from aifactory.cluster.connect import init_ray, resolve_address
     from aifactory.provenance import code_version
     from aifactory.tenancy import job_metadata
@@ -63,6 +61,10 @@ def _ray(args, home, tenant, workload, entrypoint: str):
     address = resolve_address(home, args.address)
     progress("starting an embedded Ray cluster ..." if address is None else f"using the cluster at {address.dashboard_url}")
     init_ray(home, address=address, job_metadata=meta, num_cpus=getattr(args, "num_cpus", None))
+    # Import Ray only after init_ray has set RAY_AUTH_MODE: Ray reads it once, at import (an embedded
+    # cluster otherwise rejects its own driver with InvalidAuthToken).
+    import ray
+
     try:
         yield
     finally:
