@@ -42,6 +42,10 @@ _EXPORTS: dict[str, str] = {
     "LocalCluster": "aifactory.cluster",
     "Client": "aifactory.jobs",
     "JobRecord": "aifactory.jobs",
+    # benchmarks
+    "SweepSpec": "aifactory.bench.spec",
+    "run_sweep": "aifactory.bench.runner",
+    "compare_runs": "aifactory.bench.compare",
     # security: the control API's client, API keys
     "ControlClient": "aifactory.control.client",
     "KeyStore": "aifactory.security.apikeys",
