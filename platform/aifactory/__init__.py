@@ -42,6 +42,12 @@ _EXPORTS: dict[str, str] = {
     "LocalCluster": "aifactory.cluster",
     "Client": "aifactory.jobs",
     "JobRecord": "aifactory.jobs",
+    # data plane
+    "ByteTokenizer": "aifactory.data.tokenizer",
+    "DatasetStore": "aifactory.data.store",
+    "DatasetVersion": "aifactory.data.store",
+    "IngestConfig": "aifactory.data.ingest",
+    "ingest": "aifactory.data.ingest",
     # benchmarks
     "SweepSpec": "aifactory.bench.spec",
     "run_sweep": "aifactory.bench.runner",
