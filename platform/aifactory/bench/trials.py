@@ -62,10 +62,12 @@ def _ensure_app(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> float:
     apps = serve.status().applications
     if name in apps and apps[name].status == "RUNNING":
         return 0.0
-    # The previous configuration of this run is done (repeats are adjacent): free its replicas first.
+    # The previous configuration of this run is done (repeats are adjacent): free its replicas. Not blocking:
+    # behind the HAProxy ingress a delete waits a fixed 30 s drain (RAY-2.60-NOTES, Serve); the new app's
+    # replicas simply wait for the CPUs the old ones release.
     for other in list(apps):
         if other.startswith(f"{APP_PREFIX}{env.run_id}-") and other != name:
-            serve.delete(other)
+            serve.delete(other, _blocking=False)
     t0 = time.perf_counter()
     app = build_app(model=spec.model, knobs=ServingKnobs.model_validate(trial.knobs),
                     replica_num_cpus=spec.replica_num_cpus, tenant=env.tenant, seed=spec.seed)
