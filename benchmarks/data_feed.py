@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from aifactory.cluster.connect import init_ray, resolve_address
+    from aifactory.cluster.connect import apply_ray_env, ensure_token, init_ray, resolve_address
     from aifactory.data.feed import iter_token_batches, read_split
     from aifactory.data.feedbench import compute_step_fn, measure, parquet_token_loader, timed
     from aifactory.data.ingest import IngestConfig, ingest
@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> None:
 
     home = FactoryHome.from_env().ensure()
     tenant = TenantRef(tenant="bench")
-    init_ray(home, address=resolve_address(home, args.address), num_cpus=args.num_cpus, dashboard_port=_free_port(),
+    address = resolve_address(home, args.address)
+    if address is None:
+        ensure_token(home)
+    apply_ray_env(home)  # before Ray's first import: it reads RAY_AUTH_MODE once, then
+    init_ray(home, address=address, num_cpus=args.num_cpus, dashboard_port=_free_port(),
              job_metadata=job_metadata(tenant, workload=WorkloadKind.BENCH, extra={"entrypoint": "benchmarks.data_feed"}))
-    import ray  # after init_ray: Ray reads RAY_AUTH_MODE, which init_ray sets, once at import
+    import ray
 
     try:
         res = ingest(home, IngestConfig(max_mb=args.max_mb, seq_len=args.seq_len, target_shard_mb=1.0), tenant=tenant,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from aifactory.cluster.connect import init_ray, resolve_address
+from aifactory.cluster.connect import apply_ray_env, ensure_token, init_ray, resolve_address
 from aifactory.data.embed import EmbedConfig, run_batch_embed
 from aifactory.home import FactoryHome
 from aifactory.provenance import code_version
@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     code = code_version()
     meta = job_metadata(tenant, workload=WorkloadKind.BATCH_INFERENCE, code_version=code.sha, code_dirty=code.dirty,
                         extra={"entrypoint": "jobs.batch_embed"})
-    init_ray(home, address=resolve_address(home), job_metadata=meta)
-    import ray  # after init_ray: Ray reads RAY_AUTH_MODE, which init_ray sets, once at import
+    address = resolve_address(home)
+    if address is None:
+        ensure_token(home)
+    apply_ray_env(home)  # before Ray's first import: it reads RAY_AUTH_MODE once, then
+    init_ray(home, address=address, job_metadata=meta)
+    import ray
 
     try:
         result = run_batch_embed(home, cfg, tenant=tenant, log=lambda msg: print(msg, flush=True))

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def _ray(args, home, tenant, workload, entrypoint: str):
     """In-process on the cluster of --address / RAY_ADDRESS / `factory up`, else an embedded one."""
-    from aifactory.cluster.connect import init_ray, resolve_address
+    from aifactory.cluster.connect import apply_ray_env, ensure_token, init_ray, resolve_address
     from aifactory.provenance import code_version
     from aifactory.tenancy import job_metadata
 
@@ -60,9 +60,12 @@ def _ray(args, home, tenant, workload, entrypoint: str):
                         extra={"entrypoint": entrypoint})
     address = resolve_address(home, args.address)
     progress("starting an embedded Ray cluster ..." if address is None else f"using the cluster at {address.dashboard_url}")
+    # Ray reads RAY_AUTH_MODE once, when it is first imported (init_ray imports it before setting it):
+    # set the auth environment first, or an embedded cluster rejects its own driver (InvalidAuthToken).
+    if address is None:
+        ensure_token(home)
+    apply_ray_env(home)
     init_ray(home, address=address, job_metadata=meta, num_cpus=getattr(args, "num_cpus", None))
-    # Import Ray only after init_ray has set RAY_AUTH_MODE: Ray reads it once, at import (an embedded
-    # cluster otherwise rejects its own driver with InvalidAuthToken).
     import ray
 
     try:
