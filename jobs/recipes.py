@@ -6,7 +6,7 @@ for '_'). Each takes the tenant as its only argument.
 
 from __future__ import annotations
 
-from aifactory.models.gpt import GPTConfig
+from aifactory.models.config import GPTConfig
 from aifactory.tenancy import TenantRef
 from aifactory.train.config import (
     CheckpointSpec, DataSpec, GateSpec, ModelSpec, OptimizerSpec, ScalingSpec, TrainJob, ValidationSpec,

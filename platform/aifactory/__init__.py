@@ -48,6 +48,12 @@ _EXPORTS: dict[str, str] = {
     "DatasetVersion": "aifactory.data.store",
     "IngestConfig": "aifactory.data.ingest",
     "ingest": "aifactory.data.ingest",
+    # models, registry and training
+    "GPTConfig": "aifactory.models.config",
+    "ModelRegistry": "aifactory.registry",
+    "ModelVersion": "aifactory.registry",
+    "TrainJob": "aifactory.train.config",
+    "run_training": "aifactory.train.runner",
     # benchmarks
     "SweepSpec": "aifactory.bench.spec",
     "run_sweep": "aifactory.bench.runner",

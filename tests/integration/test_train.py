@@ -124,7 +124,7 @@ def test_run_manifest_has_measurements(killed_run):
 def test_factory_rerun_reproduces_the_uninterrupted_curve(killed_run, ray_driver):
     home, out, fit_s = killed_run
     t0 = time.monotonic()
-    proc = run_factory("rerun", out.run_id, "--format", "json", home=ray_driver.home, timeout=400, check=False)
+    proc = run_factory("rerun", out.run_id, "--format", "json", home=ray_driver.home, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(proc.stdout)
     assert res["reproduced"] is True and res["restarts"] == 0

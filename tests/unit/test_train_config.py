@@ -96,3 +96,14 @@ def test_device_choice_at_run_time():
     assert resolve_use_gpu(None, cluster_gpus=8) is True
     assert resolve_use_gpu(False, cluster_gpus=8) is False
     assert (backend_for(True), backend_for(False)) == ("nccl", "gloo")
+
+
+def test_configs_and_registry_import_without_torch_or_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, aifactory.train.config, aifactory.train.jobspec, aifactory.registry, aifactory.cli.train;"
+            "aifactory.train.jobspec.load_recipe('tiny');"
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

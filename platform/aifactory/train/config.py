@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from aifactory.config import StrictModel
-from aifactory.models.gpt import GPTConfig
+from aifactory.models.config import GPTConfig
 from aifactory.tenancy import Name, TenantRef
 
 Precision = Literal["fp32", "bf16-mixed"]
