@@ -67,9 +67,9 @@ def test_feed_streams_int64_batches_and_deterministic_mode_repeats(ingested):
         ds = read_deterministic(v, "train", rank=rank, world_size=2, seed=5, epoch=epoch)
         return [b[:, :8].tolist() for b, _ in iter_token_batches(ds, batch_size=16, drop_last=False)]
 
+    # (that a new epoch reorders the files is unit-tested on deterministic_files: no cluster time here)
     a = order(0, 0)
     assert a == order(0, 0)  # same seed/epoch/rank: row-for-row identical
-    assert a != order(1, 0)  # a new epoch reorders the files
     total = sum(len(b) for b in a + order(0, 1))
     assert total == v.manifest.splits["train"].rows  # the two ranks cover the split exactly once
 
