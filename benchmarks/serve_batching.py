@@ -1,0 +1,112 @@
+"""Dynamic batching on vs off: the same MiniLM embeddings app, the same bounded load, interleaved.
+
+    .venv/bin/python -m benchmarks.serve_batching [--ingress haproxy|python|both] [--repeats 3]
+
+Two copies of serve_apps/embeddings are deployed side by side on a private loopback cluster: one with
+``@serve.batch`` (max_batch_size 64, 10 ms window) and one with max_batch_size 1 (batching off). A
+closed loop of ``--concurrency`` clients (past the unbatched saturation point) sends one sentence per
+request; variants alternate round by round and the medians of ``--repeats`` rounds are reported.
+Target: batched throughput >= 3x unbatched, with batched p99 no worse than unbatched p99.
+Writes benchmarks/results/serve_batching.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from aifactory.serve.benchmarking import (
+    bar_chart, context, interleaved, medians, prepare_auth, private_cluster, write_results,
+)
+from aifactory.serve.config import AutoscalingSpec, BatchingConfig, EmbeddingsArgs
+from aifactory.serve.loadgen import closed_loop
+
+RESULTS = Path(__file__).parent / "results"
+SENTENCES = [
+    "how do I reverse a list in python", "the build failed with a missing header", "deploy the model to production",
+    "what is the capital of france", "a cat sat on the warm mat", "quarterly revenue grew by ten percent",
+    "the train leaves at seven in the morning", "resize the image to 224 by 224 pixels",
+]
+
+
+def _args(max_batch_size: int) -> EmbeddingsArgs:
+    return EmbeddingsArgs(
+        batching=BatchingConfig(max_batch_size=max_batch_size, batch_wait_timeout_s=0.01),
+        max_ongoing_requests=256, max_queued_requests=1024, num_cpus=0.5,
+        autoscaling=AutoscalingSpec(min_replicas=1, max_replicas=1, slo_aware=False),
+    )
+
+
+def run_ingress(ingress: str, *, concurrency: int, requests: int, repeats: int) -> dict:
+    from ray import serve
+
+    from aifactory.serve.apps.embeddings import app_builder
+
+    with private_cluster(ingress=ingress) as c:
+        print(f"[{ingress}] cluster up in {c['start_s']:.1f}s; deploying both variants ...", flush=True)
+        serve.run(app_builder(_args(64)), name="batched", route_prefix="/batched")
+        serve.run(app_builder(_args(1)), name="unbatched", route_prefix="/unbatched")
+        base = f"http://127.0.0.1:{c['port']}"
+
+        def body(i: int) -> dict:
+            return {"model": "all-MiniLM-L6-v2", "input": f"{SENTENCES[i % len(SENTENCES)]} #{i}"}
+
+        def load(prefix: str, n: int):
+            return lambda: asyncio.run(closed_loop(f"{base}/{prefix}/v1/embeddings", body, concurrency=concurrency,
+                                                   total=n, headers={"X-Tenant": "bench"})).summary()
+
+        for prefix in ("batched", "unbatched"):  # warm both (first calls load kernels, open connections)
+            load(prefix, 2 * concurrency)()
+        runs = interleaved({"batching on": load("batched", requests), "batching off": load("unbatched", requests)},
+                           repeats=repeats)
+    med = {k: medians(v) for k, v in runs.items()}
+    on, off = med["batching on"], med["batching off"]
+    return {
+        "ingress": ingress, "runs": runs, "median": med,
+        "throughput_ratio": on["throughput_rps"] / off["throughput_rps"],
+        "p99_ratio_on_over_off": on["p99_ms"] / off["p99_ms"],
+        "target_met": on["throughput_rps"] >= 3 * off["throughput_rps"] and on["p99_ms"] <= off["p99_ms"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ingress", choices=("haproxy", "python", "both"), default="both")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--requests", type=int, default=600, help="requests per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args(argv)
+    prepare_auth()  # before Ray is imported: Ray reads its auth settings once per process
+    ingresses = ["haproxy", "python"] if a.ingress == "both" else [a.ingress]
+    results = {"benchmark": "serve_batching", "model": "all-MiniLM-L6-v2 (384-d) via serve_apps/embeddings",
+               "load": {"kind": "closed loop", "concurrency": a.concurrency, "requests_per_run": a.requests,
+                        "repeats": a.repeats, "inputs_per_request": 1},
+               "context": context(), "by_ingress": {}}
+    for ing in ingresses:
+        try:
+            results["by_ingress"][ing] = run_ingress(ing, concurrency=a.concurrency, requests=a.requests,
+                                                     repeats=a.repeats)
+        except Exception as err:  # report a failed ingress (e.g. HAProxy ports taken) instead of dropping it
+            results["by_ingress"][ing] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"[{ing}] FAILED: {err}", flush=True)
+    path = write_results("serve_batching", results, out_dir=a.out)
+    groups = {f"{ing}\n{v}": r["median"][v] for ing, r in results["by_ingress"].items() if "median" in r
+              for v in ("batching off", "batching on")}
+    if groups:
+        bar_chart(Path(a.out) / "serve_batching.png", f"MiniLM embeddings, batching on vs off (concurrency {a.concurrency})",
+                  groups, [("throughput_rps", "throughput (req/s)"), ("p50_ms", "p50 (ms)"), ("p99_ms", "p99 (ms)")])
+    for ing, r in results["by_ingress"].items():
+        if "median" in r:
+            on, off = r["median"]["batching on"], r["median"]["batching off"]
+            print(f"[{ing}] on: {on['throughput_rps']:.0f} rps p50 {on['p50_ms']:.0f} p95 {on['p95_ms']:.0f} "
+                  f"p99 {on['p99_ms']:.0f} ms | off: {off['throughput_rps']:.0f} rps p50 {off['p50_ms']:.0f} "
+                  f"p95 {off['p95_ms']:.0f} p99 {off['p99_ms']:.0f} ms | x{r['throughput_ratio']:.2f} "
+                  f"target {'met' if r['target_met'] else 'NOT met'}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

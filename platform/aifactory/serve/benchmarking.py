@@ -1,0 +1,167 @@
+"""Helpers of the serving benchmarks: a private loopback cluster per ingress, interleaved repeats, reports.
+
+Each benchmark starts its own Ray head (``LocalCluster`` in a temporary factory home, free ports, the
+chosen Serve ingress: HAProxy or the Python proxy), so figures never mix with other work's clusters,
+and stops exactly that head afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_TOKEN_DIR: Path | None = None
+
+
+def prepare_auth() -> Path:
+    """One token for every private cluster of this process, in the environment before Ray is imported.
+
+    Ray reads ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN_PATH`` once per process, so a driver that later joins a
+    second cluster must find the same token there; call this first thing in a benchmark's ``main``.
+    """
+    global _TOKEN_DIR
+    if _TOKEN_DIR is None:
+        import secrets
+
+        _TOKEN_DIR = Path(tempfile.mkdtemp(prefix="aif-bench-token-"))
+        path = _TOKEN_DIR / "auth_token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return _TOKEN_DIR / "auth_token"
+
+
+@contextmanager
+def private_cluster(*, ingress: str, num_cpus: int = 4, http_port: int | None = None) -> Iterator[dict]:
+    """A fresh head on 127.0.0.1 with ``ingress`` ("haproxy" | "python"), this process as its driver, Serve started."""
+    from aifactory.cluster.local import LocalCluster
+    from aifactory.home import FactoryHome
+
+    token = prepare_auth()
+    root = Path(tempfile.mkdtemp(prefix=f"aif-bench-{ingress}-"))
+    home = FactoryHome.from_env(root / "factory").ensure()
+    from aifactory.cluster.connect import token_path
+
+    home_token = token_path(home)
+    home_token.parent.mkdir(parents=True, exist_ok=True)
+    home_token.write_text(token.read_text())
+    os.chmod(home_token, 0o600)
+    cluster = LocalCluster(home)
+    t0 = time.monotonic()
+    for attempt in (1, 2):  # `ray start` times out on a heavily loaded host; one retry, then give up
+        try:
+            state, _ = cluster.up(num_cpus=num_cpus, num_gpus=0, gcs_port=free_port(), dashboard_port=free_port(),
+                                  metrics_export_port=free_port(), serve_ingress=ingress,
+                                  object_store_memory=512 << 20, timeout_s=180)
+            break
+        except Exception:
+            cluster.down()
+            if attempt == 2:
+                raise
+    import ray
+    from ray import serve
+
+    try:
+        ray.init(address=state.gcs_address, logging_level="ERROR", log_to_driver=False)
+        port = http_port or free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+        yield {"ingress": ingress, "port": port, "home": home, "state": state,
+               "start_s": time.monotonic() - t0}
+    finally:
+        try:
+            serve.shutdown()
+        except Exception:  # the cluster goes down next anyway
+            pass
+        ray.shutdown()
+        cluster.down()
+
+
+def interleaved(variants: dict[str, Callable[[], dict]], *, repeats: int) -> dict[str, list[dict]]:
+    """Run every variant once per round, rounds ``repeats`` times (A B A B ...), so drift hits all alike."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for r in range(repeats):
+        for name, fn in variants.items():
+            runs[name].append(fn())
+            print(f"  round {r + 1}/{repeats} {name}: " + _short(runs[name][-1]), flush=True)
+    return runs
+
+
+def medians(runs: list[dict]) -> dict[str, Any]:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and v is not None]
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        out[k] = statistics.median(vals) if vals else None
+    return out
+
+
+def _short(s: dict) -> str:
+    parts = []
+    for k in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "rejected", "errors"):
+        if s.get(k) is not None:
+            parts.append(f"{k}={s[k]:.1f}" if isinstance(s[k], float) else f"{k}={s[k]}")
+    return " ".join(parts)
+
+
+def context() -> dict[str, Any]:
+    """Where a figure was measured."""
+    import ray
+
+    from aifactory.provenance import code_version
+
+    code = code_version()
+    return {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "ray": ray.__version__, "load_average_1m": round(os.getloadavg()[0], 2), "code_version": code.sha, "code_dirty": code.dirty,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_results(name: str, result: dict, *, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
+
+
+def bar_chart(path: str | Path, title: str, groups: dict[str, dict[str, float]], metrics: list[tuple[str, str]]) -> None:
+    """One panel per metric, one bar per group (e.g. variant), values annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    axes = [axes] if len(metrics) == 1 else axes
+    names = list(groups)
+    for ax, (key, label) in zip(axes, metrics):
+        vals = [groups[n].get(key) or 0.0 for n in names]
+        bars = ax.bar(names, vals, color=["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B2"][: len(names)])
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8, rotation=15)
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
