@@ -102,3 +102,19 @@ def test_concurrency_fits_the_cluster_and_refuses_a_trial_that_cannot():
     assert plan_concurrency(spec, trials, cluster_cpus=2) == 1
     with pytest.raises(ConfigError, match="needs 2 CPUs"):
         plan_concurrency(spec, trials, cluster_cpus=1.5)
+
+
+def test_load_generator_targets_loopback_only():
+    from aifactory.bench.loadgen import drive_load
+
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        drive_load("http://10.0.0.5:8000/x", lambda i: {}, num_requests=1, concurrency=1)
+
+
+def test_cli_overrides_parse_yaml_values_and_reject_bad_ones():
+    from aifactory.cli.bench import _parse_overrides
+
+    assert _parse_overrides(["repeats=5", "load.concurrency=8", "slo.p99_ms=1.5"]) == {
+        "repeats": 5, "load.concurrency": 8, "slo.p99_ms": 1.5}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        _parse_overrides(["repeats"])
