@@ -1,11 +1,13 @@
 """Quantize a registered model, gate it on its parent's validation split, and register the variant.
 
-    ray job submit --working-dir . --metadata-json '{"tenant": "demo", "workload": "other"}' \
+    ray job submit --working-dir . --entrypoint-num-cpus 1 --metadata-json '{"tenant": "demo", "workload": "other"}' \
         -- python -m jobs.quantize tiny-gpt:v3 --method int8-dynamic
 
 Options: ``--method auto|int8-dynamic|bf16|fp8-weight`` (auto: bf16 on a GPU, int8-dynamic on a CPU),
 ``--max-loss-delta X`` (override the recipe's gate), ``--tenant T``. Prints the variant's summary as JSON on
-the last line; exits 3 when the variant fails its gate (it is then registered not servable).
+the last line; exits 3 when the variant fails its gate (it is then registered not servable). The work runs
+in this (entrypoint) process, which the job's metadata and entrypoint resources attribute: it needs no Ray
+tasks, so it does not call ``ray.init``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
-    from aifactory.cluster.connect import apply_ray_env
     from aifactory.exceptions import FactoryError
     from aifactory.home import FactoryHome
     from aifactory.optimize.config import quantize_spec
@@ -33,15 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
     home = FactoryHome.from_env()
     spec = quantize_spec(args.method, tenant=args.tenant, max_loss_delta=args.max_loss_delta)
-    apply_ray_env(home)
-    ray.init(address="auto", logging_level="WARNING")  # inside `ray job submit`, the job's cluster
     try:
         mv, gate = run_quantize(home, args.model, spec, log=lambda m: print(m, flush=True))
     except FactoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    finally:
-        ray.shutdown()
     print(json.dumps({"model": mv.ref, "parent": mv.manifest["parent"], "method": mv.manifest["variant"]["method"],
                       "quality_delta": gate.quality_delta, "servable": mv.servable}))
     return 0

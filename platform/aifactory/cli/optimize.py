@@ -22,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-loss-delta", dest="max_loss_delta", type=float,
                    help="override the recipe's allowed validation-loss increase over the parent")
     q.add_argument("--tenant", help="tenant of the job (default: the parent's)")
-    add_address(q)
     add_format(q)
     q.set_defaults(func=_quantize)
 
@@ -68,8 +67,6 @@ def _summary(mv, gate) -> dict:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    import ray
-
     from aifactory.optimize.config import quantize_spec
     from aifactory.optimize.gate import parse_ref
     from aifactory.optimize.quantize import check_parent, resolve_method, run_quantize
@@ -83,11 +80,9 @@ def _quantize(args: argparse.Namespace) -> int:
                          max_loss_delta=args.max_loss_delta)
     resolve_method(spec.method)  # hardware that cannot run the method: refused before connecting
     _admit(home, spec.tenant, {"CPU": 1.0}, WorkloadKind.OTHER)
-    _connect(args, home, spec.tenant, WorkloadKind.OTHER, spec)
-    try:
-        mv, gate = run_quantize(home, parent.ref, spec, log=progress)
-    finally:
-        ray.shutdown()
+    # In this process, without a cluster: a gate reads a few validation batches (aifactory.optimize.gate);
+    # `ray job submit ... python -m jobs.quantize` runs the same on the cluster, attributed to the tenant.
+    mv, gate = run_quantize(home, parent.ref, spec, log=progress)
     emit_obj(_summary(mv, gate), args.format)
     return 0
 

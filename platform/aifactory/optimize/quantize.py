@@ -172,7 +172,7 @@ def run_quantize(home, ref: str, spec, *, batches=None, log=lambda msg: None):
     """Quantize registered model ``ref`` with ``spec`` (a QuantizeSpec), gate it, register the variant.
 
     ``batches`` (validation token batches) defaults to the parent's dataset validation split read through
-    the data plane, which needs a connected Ray driver. Returns ``(ModelVersion, GateResult)``; a variant
+    the data plane (no Ray cluster needed). Returns ``(ModelVersion, GateResult)``; a variant
     that fails the gate is registered not-servable and VariantRejected is raised.
     """
     import time
