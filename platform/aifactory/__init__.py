@@ -42,6 +42,10 @@ _EXPORTS: dict[str, str] = {
     "LocalCluster": "aifactory.cluster",
     "Client": "aifactory.jobs",
     "JobRecord": "aifactory.jobs",
+    # serving
+    "CompletionsArgs": "aifactory.serve.config",
+    "EmbeddingsArgs": "aifactory.serve.config",
+    "tenant_usage": "aifactory.serve.usage",
     # data plane
     "ByteTokenizer": "aifactory.data.tokenizer",
     "DatasetStore": "aifactory.data.store",
@@ -90,6 +94,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from aifactory.control.client import ControlClient
     from aifactory.jobs import Client, JobRecord
     from aifactory.security.apikeys import KeyStore
+    from aifactory.serve.config import CompletionsArgs, EmbeddingsArgs
+    from aifactory.serve.usage import tenant_usage
     from aifactory.tenancy import (
         UNATTRIBUTED, JobTags, SLOClass, TenantRef, WorkloadKind, job_metadata, tags_from_metadata,
     )

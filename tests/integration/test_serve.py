@@ -317,3 +317,54 @@ def test_killing_a_replica_keeps_999_permille_success(completions, ray_driver):
     print(f"replica kill: {load.ok}/{total} ok, failures {load.failed[:3]}")
     assert total > 200
     assert load.ok / total >= 0.999
+
+
+def test_autoscaling_adds_replicas_under_load_and_removes_them_after(serve_port):
+    """The SLO-aware custom policy on a real deployment: 1 -> >1 replicas under load, back to 1 after."""
+    import asyncio
+
+    from ray import serve
+
+    from aifactory.serve.config import AutoscalingSpec
+    from aifactory.serve.loadgen import closed_loop
+
+    spec = AutoscalingSpec(min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=1,
+                           downscale_delay_s=3, metrics_interval_s=0.5, look_back_period_s=1)
+
+    @serve.deployment(autoscaling_config=spec.to_serve(p95_slo_s=0.5), max_ongoing_requests=8,
+                      ray_actor_options={"num_cpus": 0.1})
+    class Sleeper:
+        def __init__(self):
+            from aifactory.serve.metrics import LatencyWindow
+
+            self.latency = LatencyWindow()
+
+        async def __call__(self, request) -> str:
+            t0 = time.monotonic()
+            await asyncio.sleep(0.2)
+            self.latency.observe(time.monotonic() - t0)
+            return "ok"
+
+        def record_autoscaling_stats(self) -> dict:
+            return {"p95_latency_s": self.latency.p95()}
+
+    serve.run(Sleeper.bind(), name="autoscale", route_prefix="/autoscale")
+
+    def replicas() -> int:
+        dep = serve.status().applications["autoscale"].deployments["Sleeper"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    assert replicas() == 1
+    peak = 1
+    url = f"http://127.0.0.1:{serve_port}/autoscale"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and peak < 2:  # bounded: 16 clients, 80 requests per round
+        res = asyncio.run(closed_loop(url, lambda i: {}, concurrency=16, total=80))
+        assert res.summary()["ok"] == 80
+        peak = max(peak, replicas())
+    assert peak >= 2, "no replica was added under load"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and replicas() > 1:
+        time.sleep(1)
+    assert replicas() == 1, "replicas were not removed after the load ended"
+    serve.delete("autoscale")
