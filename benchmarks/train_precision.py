@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                                          target_shard_mb=0.1, validation_fraction=0.1),
                       tenant=TenantRef(tenant="bench"), writer=local_writer).version
         for sharding, precision in VARIANTS:
-            job = apply_overrides(load_recipe(args.recipe), dataset=data.version, max_steps=args.steps, workers=args.workers)
+            job = apply_overrides(load_recipe(args.recipe), dataset=data, max_steps=args.steps, workers=args.workers)
             job = job.model_copy(update={"sharding": sharding, "precision": precision})
             name = f"{sharding}+{precision}"
             print(f"{name}: {job.model.gpt.num_params() / 1e6:.1f}M params, {args.workers} workers, {args.steps} steps", flush=True)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_rel = abs(fsdp["final_val_loss"] - ddp["final_val_loss"]) / ddp["final_val_loss"]
     result = {
         "benchmark": "train_precision", "recipe": args.recipe, "workers": args.workers, "steps": args.steps,
-        "params": load_recipe(args.recipe).model.gpt.num_params(), "dataset_version": data.version,
+        "params": load_recipe(args.recipe).model.gpt.num_params(), "dataset_version": data,
         "variants": rows,
         "peak_memory_ratio_fsdp_bf16_over_ddp_fp32": mem_ratio,
         "peak_memory_above_baseline_ratio": above_ratio,

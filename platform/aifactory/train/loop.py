@@ -103,12 +103,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rep = (ckpt.step_of(reported.path) or 0, reported.path)
         fallback = ckpt.newest_complete_checkpoint(payload.run_storage_dir) if payload.run_storage_dir else None
         resume = ckpt.choose_resume(rep, fallback)
-        if resume and reported is not None and resume[1] == reported.path and payload.run_storage_dir is None:
-            resume = (resume[0], reported.to_directory())  # a remote checkpoint: fetch it
     box = [resume]
     if world > 1:
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0)  # every rank resumes from the same checkpoint
     resume = box[0]
+    if resume is not None and payload.run_storage_dir is None:
+        resume = (resume[0], ray.train.get_checkpoint().to_directory())  # remote storage: each rank fetches it
     if resume is not None:
         state = ckpt.load_sharded(resume[1], model=model, optimizer=optimizer)
         state["restarts"].append({"from_step": resume[0], "path": str(resume[1]), "at": time.time()})
