@@ -12,6 +12,7 @@ Secrets live under ``<home>/security/`` with mode 0600 (directory 0700).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from aifactory.home import FactoryHome
@@ -27,7 +28,7 @@ def security_dir(home: FactoryHome) -> Path:
 
 def write_secret(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 atomically (never world-readable, not even for a moment)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per thread too
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

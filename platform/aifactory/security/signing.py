@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class Signer:
             pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
             # Link into place so that two processes creating the key at once end up with one key.
-            tmp = private_path.with_name(f".signing_key.{os.getpid()}.tmp")
+            tmp = private_path.with_name(f".signing_key.{os.getpid()}.{threading.get_ident()}.tmp")
             write_secret(tmp, pem)
             try:
                 os.link(tmp, private_path)
