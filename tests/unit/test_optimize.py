@@ -215,3 +215,27 @@ def test_cli_refuses_before_any_cluster_work(home, parent, capsys, monkeypatch):
         assert "fp8-weight needs a CUDA GPU" in capsys.readouterr().err
     assert main(["optimize", "distill", "lm:v1", "--student", "no-such-recipe"]) == 2
     assert "--student" in capsys.readouterr().err
+
+
+# ---- side-by-side measurement --------------------------------------------------------------------------
+
+def test_compare_variants_measures_and_prices_each_variant(home, parent, tmp_path):
+    from aifactory.cost.pricebook import load_price_book
+    from aifactory.optimize.measure import compare_variants, plot, summarize
+
+    mv, _ = run_quantize(home, "lm:v1", _spec(), batches=_batches())
+    refs = {"parent": "lm:v1", "int8-dynamic": mv.ref}
+    prompts = [list(b"import os"), list(b"def main")]
+    runs = compare_variants(home.registry, refs, prompts=prompts, max_tokens=3, batch_size=2, rounds=2)
+    book = load_price_book()
+    rows = [summarize(runs[k], mv=ModelRegistry(home).get(*ref.split(":")),
+                      quality={"val_loss": 1.0, "quality_delta": 0.0}, book=book) for k, ref in refs.items()]
+    for r in rows:
+        assert r["requests"] == 4 and len(r["throughput_rps_rounds"]) == 2 and r["completion_tokens"] == 12
+        assert 0 < r["p50_latency_s"] <= r["p99_latency_s"] and r["cpu_s"] > 0
+        # CPU-seconds priced at the book's CPU rate, per 1000 requests.
+        rate = book.rate("cpu", "cpu", "local").on_demand_usd_per_hour
+        assert r["cost_per_1k_requests_usd"] == pytest.approx(r["cpu_s"] / 3600 * rate / 4 * 1000, rel=1e-6)
+    assert rows[1]["variant"] == "int8-dynamic" and rows[1]["weights_bytes"] < rows[0]["weights_bytes"]
+    plot([r | {"variant": k} for r, k in zip(rows, refs)], str(tmp_path / "p.png"), title="t")
+    assert (tmp_path / "p.png").stat().st_size > 1000
