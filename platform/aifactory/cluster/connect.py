@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,19 @@ def ray_env(home: FactoryHome, *, base: dict[str, str] | None = None) -> dict[st
 
 
 def apply_ray_env(home: FactoryHome) -> None:
-    """Set :func:`ray_env` in this process (entrypoints only; the library never calls it on import)."""
-    os.environ.update(ray_env(home))
+    """Set :func:`ray_env` in this process (entrypoints only; the library never calls it on import).
+
+    Ray caches its auth mode and token when ``ray._raylet`` is first imported, so a driver that imported Ray
+    before this call would be refused by its own cluster (InvalidAuthToken). Refresh that cache the way
+    Ray's own ``_enable_token_auth`` and test utilities do.
+    """
+    env = ray_env(home)
+    changed = any(os.environ.get(k) != env.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"))
+    os.environ.update(env)
+    raylet = sys.modules.get("ray._raylet")
+    if changed and raylet is not None:
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
 def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -114,12 +126,12 @@ def init_ray(
     The driver's job carries ``job_metadata`` (tenant tags), so in-process work is attributed like a
     submitted job. Returns where the cluster answers.
     """
-    import ray
-    from ray.job_config import JobConfig
-
     if address is None:
         ensure_token(home)
     apply_ray_env(home)
+    import ray
+    from ray.job_config import JobConfig
+
     job_config = JobConfig(metadata=dict(job_metadata or {}), runtime_env=runtime_env)
     if address is not None:
         ray.init(
