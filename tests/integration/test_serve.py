@@ -141,6 +141,26 @@ def test_openai_client_completions_and_models(completions, registry_versions):
     assert text == client.completions.create(model=MODEL, prompt="import ", max_tokens=5, temperature=0).choices[0].text
 
 
+def test_prefix_cache_reuses_a_shared_system_prompt(completions):
+    from aifactory.serve.usage import tenant_usage
+
+    system = "You are a careful Python assistant. Answer briefly.\n"  # > 3 blocks of 16 tokens
+    for i in range(6):
+        r = httpx.post(f"{completions}/v1/completions", headers={"X-Tenant": "prefix"}, timeout=60,
+                       json={"model": MODEL, "prompt": f"{system}Q{i}: sort a list", "max_tokens": 4,
+                             "temperature": 0.9})
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 20
+    row = {}
+    while time.monotonic() < deadline:
+        row = tenant_usage("completions").get("prefix", {})
+        if row.get("cache_prefix_lookups", 0) >= 6:
+            break
+        time.sleep(0.5)
+    assert row.get("cache_prefix_lookups") == 6
+    assert row.get("cache_prefix_hits", 0) >= 4  # 2 replicas: each one's first request misses
+
+
 @pytest.mark.parametrize("body,param,status", [
     (b"{not json", "body", 400),
     ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens", 400),

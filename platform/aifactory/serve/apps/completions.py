@@ -106,6 +106,8 @@ class ModelServer:
         self.decoder = Decoder(self.loaded, prefix_cache=self.prefix_cache)
         self.last_error: str | None = None
         self.latency = LatencyWindow()
+        ctx = serve.get_replica_context()
+        self.usage = UsageRecorder(ctx.app_name, ctx.deployment)  # exports the prefix cache's hit ratio
         logger.info("loaded %s (sha256 %s) in %.2fs", self.loaded.ref, self.loaded.sha256[:12], self.loaded.load_s)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -132,6 +134,10 @@ class ModelServer:
         decoder = self.decoder  # a swap during this call affects only the next batch
         results = await asyncio.to_thread(decoder.generate, items)
         self.latency.observe(time.monotonic() - t0)
+        if self.prefix_cache is not None:
+            self.usage.start()
+            for item, res in zip(items, results):
+                self.usage.cache(item.tenant, "prefix", res.prefix_hit_tokens > 0)
         return results
 
     def info(self) -> dict[str, Any]:
