@@ -34,8 +34,15 @@ def smoke_job(ctx: RunContext) -> StageResult:
             "tenant": record.tenant,
             "seconds": round(record.duration_s or 0.0, 1),
         },
-        note="" if ok else f"(status {record.status}, attributed={attributed})",
+        note="" if ok else f"(status {record.status}, attributed={attributed}); job log tail:\n{_tail(client, job_id)}",
     )
+
+
+def _tail(client, job_id: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(client.logs(job_id).splitlines()[-lines:])
+    except Exception as err:  # the log is a diagnostic only; the stage already failed
+        return f"(no log: {err})"
 
 
 def default_stages() -> list[Stage]:
