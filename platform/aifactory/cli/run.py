@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from aifactory.cli._common import add_address, add_tenant, home_of, tenant_of
@@ -44,7 +45,10 @@ def _run(args: argparse.Namespace) -> int:
     print("starting an embedded Ray cluster ..." if address is None else f"connecting to {address.dashboard_url} ...", flush=True)
     meta = job_metadata(tenant, workload=WorkloadKind.OTHER, code_version=code.sha, code_dirty=code.dirty,
                         extra={"entrypoint": "factory run"})
-    resolved = init_ray(home, address=address, job_metadata=meta, num_cpus=args.num_cpus)
+    # Ray Data's per-operator progress bars are noise in a log and bury the stage lines: the stages report progress.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    runtime_env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]}}
+    resolved = init_ray(home, address=address, job_metadata=meta, num_cpus=args.num_cpus, runtime_env=runtime_env)
     print(f"cluster ready in {time.monotonic() - t0:.1f}s: dashboard {resolved.dashboard_url}", flush=True)
     try:
         ctx = RunContext(home=home, tenant=tenant, address=resolved, embedded=address is None)

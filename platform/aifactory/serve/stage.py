@@ -31,7 +31,8 @@ def serve_stage(ctx: RunContext) -> StageResult:
     from aifactory.cluster.connect import auth_headers, ray_env
     from aifactory.exceptions import FactoryError
     from aifactory.serve import deploy
-    from aifactory.serve.config import AutoscalingSpec, CompletionsArgs, SLOClassConfig
+    from aifactory.registry import ModelRegistry
+    from aifactory.serve.config import AutoscalingSpec, CompletionsArgs, Limits, SLOClassConfig
     from aifactory.serve.loadgen import closed_loop
     from aifactory.serve.usage import tenant_usage
 
@@ -42,8 +43,12 @@ def serve_stage(ctx: RunContext) -> StageResult:
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     rest = deploy.ServeREST(ctx.address.dashboard_url, auth_headers(ray_env(ctx.home)))
     one = AutoscalingSpec(min_replicas=1, max_replicas=1, slo_aware=False)
+    # The limits must fit the freshly trained model's context window (the app refuses limits that do not).
+    seq_len = int(ModelRegistry(ctx.home).get(name, version).model_config["seq_len"])
+    max_tokens = min(32, seq_len // 4)
     args = CompletionsArgs(
         model_name=name, model_version=version, home=str(ctx.home.root),
+        limits=Limits(max_prompt_tokens=seq_len - max_tokens, max_tokens=max_tokens),
         interactive=SLOClassConfig(num_cpus=0.25, autoscaling=one),
         batch=SLOClassConfig(num_cpus=0.25, autoscaling=one, max_ongoing_requests=64, max_queued_requests=256),
         canary=SLOClassConfig(num_cpus=0.25, autoscaling=one),
