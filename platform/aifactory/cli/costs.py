@@ -12,8 +12,9 @@ from aifactory.cli._output import emit
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("costs", help="per-tenant costs, KPIs, budgets and quotas (reads the ledger)")
     _common(p)
-    p.add_argument("--by", default="tenant", choices=["tenant", "project", "job", "deployment", "day", "resource"],
-                   help="group rows by this")
+    p.add_argument("--by", default="tenant",
+                   choices=["tenant", "project", "job", "deployment", "day", "resource", "pool"],
+                   help="group rows by this (pool: the node pool, priced at its own rate)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
     p.set_defaults(func=_costs)
     cmds = p.add_subparsers(dest="costs_command", metavar="SUBCOMMAND")

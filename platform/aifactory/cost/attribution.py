@@ -7,9 +7,13 @@ Two pieces, neither touching Ray:
   put at the midpoint between the two samples that bracket it (error <= half the sampling period).
 - :func:`attribute` sweeps the intervals of one window against the cluster's capacity and returns
   usage records for every holder, plus ``unattributed`` (untagged holders) and ``idle`` (capacity that
-  nothing held), such that per resource: sum of records == capacity x window length. If holders
+  nothing held), such that per resource and node pool: sum of records == capacity x window length. If holders
   momentarily claim more than the capacity (a sampling race), they are scaled down to it, so the
   invariant holds by construction.
+
+Resources are keyed by :data:`ResourceKey`: ``(resource, sku)`` on nodes without pool labels, and
+``(resource, sku, pool, pricing_class)`` on a labelled node (see :func:`resource_key`), so each pool's
+capacity is a separate line with its own idle, and every record says which pool it was held on.
 """
 
 from __future__ import annotations
@@ -18,10 +22,35 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from aifactory.cost.records import PricingClass, Resource, UsageRecord
+from aifactory.cost.records import DEFAULT_POOL, PricingClass, Resource, UsageRecord
 from aifactory.tenancy import IDLE
 
-ResourceKey = tuple[str, str]  # (resource, sku), e.g. ("cpu", "cpu"), ("gpu", "H100")
+# (resource, sku), e.g. ("cpu", "cpu"), ("gpu", "H100"); on a labelled node (resource, sku, pool,
+# pricing_class), e.g. ("gpu", "H100", "train-gpu-spot", "spot"); pricing_class "" = the collector's.
+ResourceKey = tuple[str, ...]
+
+
+def resource_key(resource: str, sku: str, pool: str = DEFAULT_POOL, pricing_class: str = "") -> ResourceKey:
+    """The key of a resource on a node of ``pool``: the plain ``(resource, sku)`` for unlabelled nodes."""
+    if pool == DEFAULT_POOL and not pricing_class:
+        return (resource, sku)
+    return (resource, sku, pool, pricing_class)
+
+
+def split_key(key: ResourceKey) -> tuple[str, str, str, str]:
+    """``(resource, sku, pool, pricing_class)`` of any key."""
+    if len(key) >= 4:
+        return key[0], key[1], key[2], key[3]
+    return key[0], key[1], DEFAULT_POOL, ""
+
+
+def keys_to_json(resources: Mapping[ResourceKey, float]) -> list[list]:
+    return [[*k, v] for k, v in resources.items()]
+
+
+def keys_from_json(rows) -> dict[ResourceKey, float]:
+    """Inverse of :func:`keys_to_json`; also reads the ``[resource, sku, v]`` rows of older state."""
+    return {tuple(row[:-1]): float(row[-1]) for row in rows}
 
 
 @dataclass(frozen=True)
@@ -43,14 +72,14 @@ class Holding:
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in ("holder", "tenant", "start", "end", "project", "workload",
                                            "job_id", "deployment")}
-        d["resources"] = [[r, s, v] for (r, s), v in self.resources.items()]
+        d["resources"] = keys_to_json(self.resources)
         d["shares"] = dict(self.shares) if self.shares else None
         return d
 
     @classmethod
     def from_json(cls, d: Mapping) -> Holding:
         d = dict(d)
-        d["resources"] = {(r, s): float(v) for r, s, v in d["resources"]}
+        d["resources"] = keys_from_json(d["resources"])
         return cls(**d)
 
 
@@ -160,7 +189,11 @@ def attribute(
     region: str = "local",
     pricing_class: PricingClass = PricingClass.ON_DEMAND,
 ) -> list[UsageRecord]:
-    """Usage records of one window: every holder's share, and ``idle`` for the rest of the capacity."""
+    """Usage records of one window: every holder's share, and ``idle`` for the rest of the capacity.
+
+    Per resource key, i.e. per node pool: records on a pool's keys carry that pool and its pricing class
+    (``pricing_class`` where the node declared none); ``region`` and ``pricing_class`` apply otherwise.
+    """
     if window_end <= window_start:
         raise ValueError(f"empty window [{window_start}, {window_end})")
     points = sorted(capacity, key=lambda p: p.t)
@@ -204,13 +237,15 @@ def attribute(
     for key, seconds in idle_s.items():
         out[(IDLE, "default", "idle", "", "", "", key)] += seconds
     records = []
-    for (tenant, project, workload, job_id, deployment, holder, (resource, sku)), seconds in sorted(out.items()):
+    for (tenant, project, workload, job_id, deployment, holder, key), seconds in sorted(out.items()):
         if seconds <= 0:
             continue
+        resource, sku, pool, node_class = split_key(key)
         records.append(UsageRecord(
             window_start=window_start, window_end=window_end, tenant=tenant, project=project, workload=workload,
             job_id=job_id, deployment=deployment, holder=holder, resource=Resource(resource), sku=sku,
-            region=region, pricing_class=pricing_class, quantity_s=seconds,
+            region=region, pricing_class=PricingClass(node_class) if node_class else pricing_class, pool=pool,
+            quantity_s=seconds,
         ))
     return records
 

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pydantic import Field
 
 from aifactory.config import StrictModel
-from aifactory.cost.attribution import CapacityPoint, Tracker, attribute
+from aifactory.cost.attribution import CapacityPoint, Tracker, attribute, keys_from_json, keys_to_json
 from aifactory.cost.ledger import Ledger
 from aifactory.cost.records import PricingClass, Resource
 from aifactory.tenancy import UNATTRIBUTED
@@ -40,7 +40,10 @@ class CollectorConfig(StrictModel):
     sample_interval_s: float = Field(default=10.0, gt=0, le=300, description="Seconds between samples.")
     window_s: float = Field(default=60.0, gt=0, description="Ledger window; a multiple of the sample interval.")
     region: str = Field(default="local", description="Price-book region of this cluster.")
-    pricing_class: PricingClass = Field(default=PricingClass.ON_DEMAND, description="Reserved or on-demand.")
+    pricing_class: PricingClass = Field(
+        default=PricingClass.ON_DEMAND,
+        description="Pricing class of nodes without an aifactory.io/pricing-class label (reserved, on-demand, spot).",
+    )
     exporter_port: int | None = Field(default=None, description="Serve the Prometheus exporter on 127.0.0.1:port.")
 
 
@@ -52,8 +55,7 @@ class CollectorCore:
         self.ledger = Ledger(config.ledger_path)
         cursor, state = self.ledger.collector_state(config.cluster_id)
         self.tracker = Tracker.from_json(state.get("tracker"))
-        self.capacity = [CapacityPoint(p["t"], {(r, s): v for r, s, v in p["resources"]})
-                         for p in state.get("capacity", [])]
+        self.capacity = [CapacityPoint(p["t"], keys_from_json(p["resources"])) for p in state.get("capacity", [])]
         now = time.time()
         self.cursor = cursor if cursor is not None else math.floor(now / config.window_s) * config.window_s
         self.resumed = cursor is not None
@@ -110,7 +112,8 @@ class CollectorCore:
             total = sum(v for v in (h.shares or {}).values() if v > 0)
             parts = ([(k.split("/")[0], v / total) for k, v in h.shares.items() if v > 0] if total
                      else [(h.tenant, 1.0)])
-            for (resource, _sku), amount in h.resources.items():
+            for key, amount in h.resources.items():  # quotas count a resource across pools
+                resource = key[0]
                 for tenant, frac in parts:
                     amounts[(tenant, resource)] += amount * frac
         self.ledger.set_live(self.config.cluster_id, amounts)
@@ -137,8 +140,7 @@ class CollectorCore:
             self.capacity = before[-1:] + keep
             state = {
                 "tracker": self.tracker.to_json(),
-                "capacity": [{"t": p.t, "resources": [[r, s, v] for (r, s), v in p.resources.items()]}
-                             for p in self.capacity],
+                "capacity": [{"t": p.t, "resources": keys_to_json(p.resources)} for p in self.capacity],
                 "serve": self._last_serve,
             }
             written += self.ledger.commit_window(self.config.cluster_id, records, cursor=end, state=state,

@@ -24,6 +24,7 @@ GROUPINGS: dict[str, tuple[str, ...]] = {
     "deployment": ("tenant", "deployment"),
     "day": ("day", "tenant"),
     "resource": ("tenant", "resource", "sku"),
+    "pool": ("pool", "tenant"),  # node pools (aifactory.io/pool label), each priced at its own rate
 }
 
 

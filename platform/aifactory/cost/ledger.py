@@ -4,6 +4,9 @@ Writes are idempotent: every usage record has a deterministic key (window + hold
 written with ``INSERT OR IGNORE``. The collector commits one window's records *and* its cursor and
 tracker state in a single transaction, so a collector killed mid-write either committed that window or
 did not, and a restarted one rewrites it without double counting.
+
+Schema changes are additive: a ledger written by an older factory gains the new columns with their
+defaults when opened (records from before node pools are pool ``default``), and stays readable.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ CREATE TABLE IF NOT EXISTS usage (
     job_id TEXT NOT NULL, deployment TEXT NOT NULL, holder TEXT NOT NULL,
     resource TEXT NOT NULL, sku TEXT NOT NULL, region TEXT NOT NULL, pricing_class TEXT NOT NULL,
     quantity_s REAL NOT NULL, used_s REAL,
-    written_at REAL NOT NULL
+    written_at REAL NOT NULL,
+    pool TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS usage_window ON usage(window_start);
 CREATE INDEX IF NOT EXISTS usage_tenant ON usage(tenant, window_start);
@@ -51,8 +55,12 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 """
 
-_USAGE_COLS = ("key", "window_start", "window_end", "tenant", "project", "workload", "job_id", "deployment",
-               "holder", "resource", "sku", "region", "pricing_class", "quantity_s", "used_s", "written_at")
+# UsageRecord fields, in the order rows are read back.
+_RECORD_COLS = ("window_start", "window_end", "tenant", "project", "workload", "job_id", "deployment", "holder",
+                "resource", "sku", "region", "pricing_class", "quantity_s", "used_s", "pool")
+_USAGE_COLS = ("key", *_RECORD_COLS, "written_at")
+# Columns added after the first schema: (name, SQL definition) for ALTER TABLE on older ledgers.
+_ADDED_USAGE_COLS = (("pool", "TEXT NOT NULL DEFAULT 'default'"),)
 
 EVENT_KINDS = ("run", "run_failed", "retry", "checkpoint_validated")
 
@@ -65,6 +73,19 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns an older ledger lacks (one writer at a time: BEGIN IMMEDIATE)."""
+        with self._connect() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+            if all(name in have for name, _ in _ADDED_USAGE_COLS):
+                return
+        with self.transaction() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+            for name, definition in _ADDED_USAGE_COLS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE usage ADD COLUMN {name} {definition}")
 
     @classmethod
     def of(cls, home) -> Ledger:
@@ -99,7 +120,7 @@ class Ledger:
         now = time.time()
         rows = [
             (r.key, r.window_start, r.window_end, r.tenant, r.project, r.workload, r.job_id, r.deployment,
-             r.holder, r.resource.value, r.sku, r.region, r.pricing_class.value, r.quantity_s, r.used_s, now)
+             r.holder, r.resource.value, r.sku, r.region, r.pricing_class.value, r.quantity_s, r.used_s, r.pool, now)
             for r in records
         ]
         before = db.total_changes
@@ -147,14 +168,13 @@ class Ledger:
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
-        sql = f"SELECT {','.join(_USAGE_COLS[1:15])} FROM usage"
+        sql = f"SELECT {','.join(_RECORD_COLS)} FROM usage"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY window_start, tenant, holder"
         with self._connect() as db:
             rows = db.execute(sql, args).fetchall()
-        fields = _USAGE_COLS[1:15]
-        return [UsageRecord(**dict(zip(fields, row))) for row in rows]
+        return [UsageRecord(**dict(zip(_RECORD_COLS, row))) for row in rows]
 
     def count(self) -> int:
         with self._connect() as db:

@@ -17,8 +17,8 @@ class Cost:
 
 def price(record: UsageRecord, book: PriceBook) -> Cost:
     """The cost of one usage record under ``book`` (raises PriceNotFound when the book lacks the SKU)."""
-    rate = book.rate(record.resource, record.sku, record.region)
-    usd_per_hour = rate.usd_per_hour(record.pricing_class)
+    usd_per_hour = book.usd_per_hour(record.resource, record.sku, record.region,
+                                     pricing_class=record.pricing_class, pool=record.pool)
     return Cost(usd=record.quantity_s / 3600.0 * usd_per_hour, usd_per_hour=usd_per_hour,
                 price_book_version=book.version)
 

@@ -1,7 +1,7 @@
 """Usage records: what the collector writes to the ledger and what pricing reads.
 
-A record says "holder H of tenant T held ``quantity`` resource-seconds of resource R (SKU S) during
-window W". Its ``key`` is a deterministic function of the window and the holder, so writing the same
+A record says "holder H of tenant T held ``quantity`` resource-seconds of resource R (SKU S) on a node
+of pool P (pricing class C) during window W". Its ``key`` is a deterministic function of the window and the holder, so writing the same
 window twice (a collector restarted after a crash) is a no-op in the ledger.
 """
 
@@ -23,6 +23,14 @@ class Resource(str, enum.Enum):
 class PricingClass(str, enum.Enum):
     ON_DEMAND = "on-demand"
     RESERVED = "reserved"
+    SPOT = "spot"
+
+
+# Ray node labels set by cluster/ (KubeRay worker groups, launcher node types): the node's pool, which is
+# its price-book key, and its pricing class. Nodes without them are in DEFAULT_POOL, priced as a cluster.
+POOL_LABEL = "aifactory.io/pool"
+PRICING_CLASS_LABEL = "aifactory.io/pricing-class"
+DEFAULT_POOL = "default"
 
 
 # SKU of resources that have no accelerator type.
@@ -47,7 +55,11 @@ class UsageRecord(BaseModel):
     resource: Resource = Field(description="Which resource: cpu, gpu, memory (GiB) or asic.")
     sku: str = Field(description="Price-book SKU: 'cpu', 'gib', or the accelerator type (H100, L4, ...).")
     region: str = Field(default="local", description="Price-book region of the node.")
-    pricing_class: PricingClass = Field(default=PricingClass.ON_DEMAND, description="Reserved or on-demand.")
+    pricing_class: PricingClass = Field(
+        default=PricingClass.ON_DEMAND, description="Reserved, on-demand or spot: the node's pricing class."
+    )
+    pool: str = Field(default=DEFAULT_POOL, min_length=1,
+                      description="Node pool (the node's aifactory.io/pool label); 'default' for unlabelled nodes.")
     quantity_s: float = Field(ge=0, description="Allocated resource-seconds (CPU-s, GPU-s, GiB-s).")
     used_s: float | None = Field(default=None, ge=0, description="Used resource-seconds; None = unknown.")
 
@@ -64,6 +76,10 @@ class UsageRecord(BaseModel):
             f"{self.window_start:.3f}", f"{self.window_end:.3f}", self.tenant, self.project, self.job_id,
             self.deployment, self.holder, self.resource.value, self.sku, self.region, self.pricing_class.value,
         )
+        if self.pool != DEFAULT_POOL:
+            # Only pooled records extend the key: records of unlabelled nodes keep the keys they had
+            # before pools existed, so a collector upgraded mid-window does not write a window twice.
+            parts = (*parts, self.pool)
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     @property

@@ -10,6 +10,11 @@ Holders, each counted once:
 - running normal tasks outside any group, with their exact start time.
 All Serve replicas belong to the job that started Serve, so replicas are named by deployment.
 Untagged jobs map to ``unattributed``. Used CPU comes from psutil for processes on this node.
+
+Every holding is keyed by the node it sits on: the node's pool and pricing class come from its Ray node
+labels ``aifactory.io/pool`` / ``aifactory.io/pricing-class`` (``ray.nodes()[i]["Labels"]``, set by
+cluster/), its GPU/ASIC SKU from its own accelerator type. Unlabelled nodes are pool ``default``, keyed
+as before pools existed; a holder whose node is unknown is counted there too.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aifactory.cost.attribution import Holding, ResourceKey
-from aifactory.cost.records import SKU_CPU, SKU_MEMORY, SKU_UNKNOWN_GPU
+from aifactory.cost.attribution import Holding, ResourceKey, resource_key
+from aifactory.cost.records import (
+    DEFAULT_POOL, POOL_LABEL, PRICING_CLASS_LABEL, SKU_CPU, SKU_MEMORY, SKU_UNKNOWN_GPU, PricingClass,
+)
 from aifactory.tenancy import UNATTRIBUTED, JobTags, tags_from_metadata
 
 log = logging.getLogger("aifactory.cost")
@@ -41,34 +48,74 @@ class Snapshot:
     serve_usage: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # app -> tenant -> counters
 
 
-def resource_keys(resources: Mapping[str, float], *, accelerator: str, asic_sku: str) -> dict[ResourceKey, float]:
-    """Ray resources -> price-book keys. Placement-group keys (``CPU_group_...``) are dropped."""
+def resource_keys(resources: Mapping[str, float], *, accelerator: str, asic_sku: str,
+                  pool: str = DEFAULT_POOL, pricing_class: str = "") -> dict[ResourceKey, float]:
+    """Ray resources -> price-book keys (of ``pool``). Placement-group keys (``CPU_group_...``) are dropped."""
     out: dict[ResourceKey, float] = {}
+
+    def add(resource: str, sku: str, amount: float) -> None:
+        key = resource_key(resource, sku, pool, pricing_class)
+        out[key] = out.get(key, 0.0) + amount
+
     for name, amount in (resources or {}).items():
         if not amount or "_group_" in name:
             continue
         if name == "CPU":
-            out[("cpu", SKU_CPU)] = out.get(("cpu", SKU_CPU), 0.0) + float(amount)
+            add("cpu", SKU_CPU, float(amount))
         elif name == "GPU":
-            out[("gpu", accelerator)] = out.get(("gpu", accelerator), 0.0) + float(amount)
+            add("gpu", accelerator, float(amount))
         elif name == "memory":
-            out[("memory", SKU_MEMORY)] = out.get(("memory", SKU_MEMORY), 0.0) + float(amount) / GIB
+            add("memory", SKU_MEMORY, float(amount) / GIB)
         elif name in ASIC_RESOURCES:
-            out[("asic", asic_sku)] = out.get(("asic", asic_sku), 0.0) + float(amount)
+            add("asic", asic_sku, float(amount))
     return out
 
 
 def _accelerators(nodes) -> tuple[str, str]:
+    """GPU and ASIC SKUs of ``nodes`` (one node: its own; several: the last seen of each kind)."""
     gpu, asic = SKU_UNKNOWN_GPU, "unknown-asic"
     for n in nodes:
-        for key in (n.resources_total or {}):
+        total = n.resources_total or {}
+        has_asic = any(name in total for name in ASIC_RESOURCES)
+        for key in total:
             if key.startswith("accelerator_type:"):
                 kind = key.split(":", 1)[1]
                 if kind.upper().startswith("TPU"):
                     asic = kind.upper()
+                elif has_asic and "GPU" not in total:  # e.g. aws-neuron-core on an Inferentia node
+                    asic = kind
                 else:
                     gpu = kind
     return gpu, asic
+
+
+def node_pools(nodes) -> dict[str, tuple[str, str]]:
+    """node id -> (pool, pricing class or "") from the nodes' Ray labels.
+
+    Read from ``ray.nodes()`` (the node table) where this process is connected to Ray, else from the
+    state API's node labels. A pricing class that is not reserved/on-demand/spot is ignored (logged).
+    """
+    labels: dict[str, Mapping[str, str]] = {}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            labels = {n["NodeID"]: n.get("Labels") or {} for n in ray.nodes()}
+    except Exception:  # noqa: BLE001 - fall back to the state API's copy of the labels
+        labels = {}
+    out = {}
+    for n in nodes:
+        lab = labels.get(n.node_id)
+        if lab is None:
+            lab = getattr(n, "labels", None) or {}
+        pool = str(lab.get(POOL_LABEL) or DEFAULT_POOL)
+        cls = str(lab.get(PRICING_CLASS_LABEL) or "").strip().lower()
+        if cls and cls not in {c.value for c in PricingClass}:
+            log.warning("node %s: label %s=%r is not one of reserved, on-demand, spot; priced as the cluster's "
+                        "default class", n.node_id, PRICING_CLASS_LABEL, cls)
+            cls = ""
+        out[n.node_id] = (pool, cls)
+    return out
 
 
 def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, timeout_s: int = 30) -> Snapshot:
@@ -79,11 +126,22 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
     t = time.time()
     nodes = [n for n in state.list_nodes(detail=True, limit=10000, **kw) if n.state == "ALIVE"]
     gpu_sku, asic_sku = _accelerators(nodes)
+    pools = node_pools(nodes)
+    # Each node's resources are keyed by its own accelerator types and its pool.
+    node_keys: dict[str, dict] = {}
+    for n in nodes:
+        gpu, asic = _accelerators([n])
+        pool, cls = pools[n.node_id]
+        node_keys[n.node_id] = {"accelerator": gpu, "asic_sku": asic, "pool": pool, "pricing_class": cls}
     capacity: dict[ResourceKey, float] = {}
     for n in nodes:
-        for key, amount in resource_keys(n.resources_total, accelerator=gpu_sku, asic_sku=asic_sku).items():
+        for key, amount in resource_keys(n.resources_total, **node_keys[n.node_id]).items():
             capacity[key] = capacity.get(key, 0.0) + amount
-    keys = lambda res: resource_keys(res, accelerator=gpu_sku, asic_sku=asic_sku)  # noqa: E731
+
+    def keys(res, node_id: str | None) -> dict[ResourceKey, float]:
+        # A holder on an unknown node (not alive any more) is counted in the default pool.
+        kw_node = node_keys.get(node_id or "") or {"accelerator": gpu_sku, "asic_sku": asic_sku}
+        return resource_keys(res, **kw_node)
 
     jobs = state.list_jobs(detail=True, limit=10000, **kw)
     tags_by_job: dict[str, JobTags] = {}
@@ -116,7 +174,7 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
         if name.startswith(SUPERVISOR_PREFIX):
             sub_id = name[len(SUPERVISOR_PREFIX):]
             job = by_submission.get(sub_id)
-            res = keys(a.required_resources)
+            res = keys(a.required_resources, a.node_id)
             if job is None or not res or job.start_time is None:
                 continue
             terminal = str(getattr(job.status, "value", job.status)) in ("SUCCEEDED", "FAILED", "STOPPED")
@@ -133,7 +191,7 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
             continue
         if a.state != "ALIVE" or a.placement_group_id:
             continue
-        res = keys(a.required_resources)
+        res = keys(a.required_resources, a.node_id)
         holder = f"actor:{a.actor_id}"
         if a.pid and a.node_id == me:
             pids[holder] = [a.pid]
@@ -155,8 +213,8 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
         if pg.state != "CREATED":
             continue
         res: dict[ResourceKey, float] = {}
-        for bundle in pg.bundles or []:
-            for k, v in keys(bundle.get("unit_resources", bundle)).items():
+        for bundle in pg.bundles or []:  # bundles of one group may sit on nodes of several pools
+            for k, v in keys(bundle.get("unit_resources", bundle), bundle.get("node_id")).items():
                 res[k] = res.get(k, 0.0) + v
         if not res:
             continue
@@ -168,7 +226,7 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
     for task in tasks:
         if str(getattr(task.type, "value", task.type)) != "NORMAL_TASK" or task.placement_group_id:
             continue
-        res = keys(task.required_resources)
+        res = keys(task.required_resources, task.node_id)
         if not res:
             continue
         tags = tags_of(task.job_id)
