@@ -11,6 +11,7 @@ own.
 from __future__ import annotations
 
 import os
+import socket
 
 # tests/conftest.py sets these at import too; repeated here because every raylet this process starts
 # inherits them: nodes bind to 127.0.0.1 only and report no usage stats.
@@ -27,6 +28,12 @@ import pytest  # noqa: E402
 POOL_LABEL = "aifactory.io/pool"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class MultiNode:
     """The session cluster plus the worker nodes the current test added."""
 
@@ -34,11 +41,12 @@ class MultiNode:
         self.cluster = cluster
         self.added: list = []
 
-    def add_pool_node(self, pool: str, *, num_cpus: float = 1, resources: dict[str, float] | None = None):
+    def add_pool_node(self, pool: str, *, num_cpus: float = 1, resources: dict[str, float] | None = None,
+                      labels: dict[str, str] | None = None):
         node = self.cluster.add_node(
             num_cpus=num_cpus,
             resources={f"pool_{pool.split('-')[0]}": 1, **(resources or {})},
-            labels={POOL_LABEL: pool},
+            labels={POOL_LABEL: pool, **(labels or {})},  # e.g. aifactory.io/pricing-class
             object_store_memory=100 << 20,
         )
         self.added.append(node)
@@ -69,7 +77,11 @@ def _cluster():
             "resources": {"pool_head": 1},
             "labels": {POOL_LABEL: "head"},
             "object_store_memory": 200 << 20,
-            "include_dashboard": False,
+            # The cost collector reads Ray's state API, which only a full dashboard serves (without it the
+            # API server answers no HTTP); on a free loopback port, never the shared default 8265.
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": _free_port(),
         },
     )
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
