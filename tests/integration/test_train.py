@@ -109,6 +109,18 @@ def test_validated_checkpoints_are_registered_with_consolidated_weights(killed_r
     assert sorted(v.manifest["step"] for v in mine) == [e["step"] for e in out.metrics["val_curve"] if e["validated"]]
 
 
+def test_run_outcome_reaches_the_cost_ledger(killed_run):
+    """Cost per validated checkpoint needs the run, its retries and its validated checkpoints in the ledger."""
+    from aifactory.cost.ledger import Ledger
+
+    home, out, _ = killed_run
+    kinds = [e["kind"] for e in Ledger(home.ledger_path).events(tenant="itest")]
+    registered = out.metrics.get("registered") or []
+    assert kinds.count("run") >= 1 and "run_failed" not in kinds
+    assert kinds.count("checkpoint_validated") >= len(registered) >= 1
+    assert kinds.count("retry") >= len(out.metrics.get("restarts") or []) >= 1  # the killed worker restarted once
+
+
 def test_run_manifest_has_measurements(killed_run):
     from aifactory.train.runs import read_manifest
 

@@ -49,6 +49,27 @@ class TrainOutcome:
         return self.metrics.get("val_loss")
 
 
+def _record_cost_events(home: FactoryHome, job: TrainJob, run_id: str, manifest: dict[str, Any]) -> None:
+    """Tell the cost ledger about the run's outcome, so "cost per validated checkpoint" counts failed runs too.
+
+    Keys are derived from the run id, so recording the same outcome twice counts once.
+    """
+    import ray
+
+    from aifactory.cost.ledger import Ledger
+
+    ledger = Ledger(home.ledger_path)
+    job_id = ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
+    common = {"tenant": job.tenant.tenant, "project": job.tenant.project, "job_id": job_id}
+    ledger.record_event(key=f"{run_id}:run", kind="run", **common)
+    if manifest["status"] == "failed":
+        ledger.record_event(key=f"{run_id}:failed", kind="run_failed", **common)
+    for i, _ in enumerate((manifest.get("metrics") or {}).get("restarts") or []):
+        ledger.record_event(key=f"{run_id}:retry:{i}", kind="retry", **common)
+    for reg in (manifest.get("metrics") or {}).get("registered") or []:
+        ledger.record_event(key=f"{run_id}:validated:{reg['version']}", kind="checkpoint_validated", **common)
+
+
 def pin_dataset(job: TrainJob, home: FactoryHome):
     """Resolve the job's dataset version (newest when unset), check it fits the job, and pin it."""
     from aifactory.data.store import DatasetStore
@@ -133,9 +154,11 @@ def run_training(
         manifest["status"] = "failed"
         manifest["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         runs.write_manifest(home, run_id, manifest)
+        _record_cost_events(home, job, run_id, manifest)
         raise TrainingFailed(run_id, manifest["error"])
     manifest["status"] = "succeeded"
     runs.write_manifest(home, run_id, manifest)
+    _record_cost_events(home, job, run_id, manifest)
     log(f"train {run_id}: done in {manifest['wall_s']:.1f}s, val_loss {manifest['metrics'].get('val_loss')}")
     return TrainOutcome(run_id, manifest)
 
