@@ -176,7 +176,12 @@ class CompletionsArgs(StrictModel):
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig, description="Rate limits, timeouts.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Caches.")
     limits: Limits = Field(default_factory=Limits, description="Request limits.")
-    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant.")
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (auth 'header' only).")
+    auth: Literal["header", "factory-keys"] = Field(
+        "header",
+        description="'header': X-Tenant or api_keys (local, or behind the control API); 'factory-keys': every "
+        "request needs a factory API key from the hashed key store under the home, and the key decides the tenant.",
+    )
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress/router.")
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests per ingress replica.")
     ingress_max_queued_requests: int = Field(512, ge=1, description="Requests waiting for the ingress.")
@@ -200,4 +205,10 @@ class EmbeddingsArgs(StrictModel):
     max_inputs: int = Field(256, ge=1, description="Most inputs one request may send.")
     max_input_chars: int = Field(8192, ge=1, description="Longest input string.")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig, description="Rate limits.")
-    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant.")
+    home: str | None = Field(None, description="Factory home holding the API key store (default $AIFACTORY_HOME).")
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (auth 'header' only).")
+    auth: Literal["header", "factory-keys"] = Field(
+        "header",
+        description="'header': X-Tenant or api_keys (local, or behind the control API); 'factory-keys': every "
+        "request needs a factory API key from the hashed key store under the home, and the key decides the tenant.",
+    )

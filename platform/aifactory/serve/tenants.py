@@ -1,12 +1,20 @@
-"""The tenant of a request: the ``X-Tenant`` header, else the API key (``Authorization: Bearer``) mapped to one.
+"""The tenant of a request.
 
-A request with neither is attributed to ``unattributed`` (counted, never dropped); an unknown API key or an
-invalid tenant name is a 401/400 naming the header.
+Two modes (``auth`` in the app's args):
+
+- ``header`` (local and behind a trusted gateway): the ``X-Tenant`` header, else an API key from the app's own
+  ``api_keys`` map (``Authorization: Bearer``). A request with neither is attributed to ``unattributed``
+  (counted, never dropped); an unknown API key or an invalid tenant name is a 401/400 naming the header.
+- ``factory-keys`` (tenants reach Serve directly): every request must carry a factory API key
+  (``factory keys create``), checked against the hashed key store under the factory home; the tenant is the key's,
+  never the caller's word. No key or a bad key is 401; an ``X-Tenant`` naming another tenant is 403 (only admin
+  keys may act for a tenant they name).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from aifactory.serve.schemas import APIError
 from aifactory.tenancy import _NAME_RE, _RESERVED, UNATTRIBUTED
@@ -43,3 +51,40 @@ def resolve_slo_class(headers: Mapping[str, str], path: str, default: str) -> st
         raise APIError(400, f"X-SLO-Class: {value!r} is not one of 'interactive', 'batch'",
                        param="X-SLO-Class", code="invalid_slo_class")
     return value
+
+
+class TenantResolver:
+    """Built once per replica from the app's args; call it with each request's headers."""
+
+    def __init__(self, *, auth: Literal["header", "factory-keys"], api_keys: Mapping[str, str], home: str | None):
+        self.auth = auth
+        self.api_keys = dict(api_keys)
+        self._keys = None
+        if auth == "factory-keys":
+            from aifactory.home import FactoryHome
+            from aifactory.security.apikeys import KeyStore
+
+            self._keys = KeyStore(FactoryHome.from_env(home))
+
+    def __call__(self, headers: Mapping[str, str]) -> str:
+        if self._keys is None:
+            return resolve_tenant(headers, self.api_keys)
+        from aifactory.exceptions import AuthenticationError
+
+        auth = (headers.get("authorization") or "").strip()
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        try:
+            principal = self._keys.authenticate(key)
+        except AuthenticationError as err:
+            raise APIError(401, f"Authorization: {err}", param="Authorization", code="invalid_api_key",
+                           type_="authentication_error") from None
+        named = (headers.get(TENANT_HEADER) or "").strip()
+        if principal.is_admin:
+            if not named or not _NAME_RE.match(named) or named in _RESERVED:
+                raise APIError(400, "X-Tenant: an admin key must name the tenant it acts for",
+                               param="X-Tenant", code="invalid_tenant")
+            return named
+        if named and named != principal.tenant:
+            raise APIError(403, "X-Tenant: this API key does not belong to that tenant", param="X-Tenant",
+                           code="tenant_mismatch", type_="permission_error")
+        return principal.tenant

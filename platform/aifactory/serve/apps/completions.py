@@ -40,7 +40,7 @@ from aifactory.serve.schemas import (
     APIError, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
     check_completion_limits, parse_body,
 )
-from aifactory.serve.tenants import resolve_slo_class, resolve_tenant
+from aifactory.serve.tenants import TenantResolver, resolve_slo_class
 
 logger = logging.getLogger("ray.serve")
 
@@ -160,6 +160,8 @@ class Ingress:
         from aifactory.data.tokenizer import ByteTokenizer
 
         self.args = CompletionsArgs.model_validate(args)
+
+        self.tenants = TenantResolver(auth=self.args.auth, api_keys=self.args.api_keys, home=self.args.home)
         self.handles = {INTERACTIVE: interactive, BATCH: batch, CANARY: canary}
         self.tokenizer = ByteTokenizer()
         a = self.args
@@ -226,7 +228,7 @@ class Ingress:
         tenant = "unattributed"
         status = 200
         try:
-            tenant = resolve_tenant(request.headers, self.args.api_keys)
+            tenant = self.tenants(request.headers)
             retry = self.limiter.check(tenant)
             if retry:
                 raise APIError(429, f"tenant {tenant!r} is over its rate limit; retry in {retry:.0f}s",

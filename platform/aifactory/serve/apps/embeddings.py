@@ -23,7 +23,7 @@ from aifactory.serve.schemas import (
     APIError, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Usage, encode_vector,
     parse_body,
 )
-from aifactory.serve.tenants import resolve_tenant
+from aifactory.serve.tenants import TenantResolver
 
 DIMENSIONS = 384
 
@@ -49,6 +49,8 @@ class Embeddings:
         import torch
 
         self.args = EmbeddingsArgs.model_validate(args)
+
+        self.tenants = TenantResolver(auth=self.args.auth, api_keys=self.args.api_keys, home=self.args.home)
         torch.set_num_threads(int(os.environ.get("AIFACTORY_SERVE_TORCH_THREADS", "2")))
         self.model = load_minilm()
         self.tokenizer = self.model.tokenizer
@@ -98,7 +100,7 @@ class Embeddings:
         t0 = time.monotonic()
         tenant, status = "unattributed", 200
         try:
-            tenant = resolve_tenant(request.headers, self.args.api_keys)
+            tenant = self.tenants(request.headers)
             retry = self.limiter.check(tenant)
             if retry:
                 raise APIError(429, f"tenant {tenant!r} is over its rate limit; retry in {retry:.0f}s",
