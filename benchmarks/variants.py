@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from aifactory.cost.pricebook import load_price_book
     from aifactory.data.store import DatasetStore
     from aifactory.home import FactoryHome
-    from aifactory.optimize.config import EvalSpec, quantize_spec, student_spec
+    from aifactory.optimize.config import EvalSpec, quantize_spec
     from aifactory.optimize.gate import eval_loss, load_registered, validation_batches
     from aifactory.optimize.measure import compare_variants, plot, summarize
     from aifactory.optimize.quantize import run_quantize

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from aifactory.cluster.connect import apply_ray_env, ensure_token, init_ray, resolve_address
+from aifactory.cluster.connect import ray_session, resolve_address
 from aifactory.data.embed import EmbedConfig, run_batch_embed
 from aifactory.home import FactoryHome
-from aifactory.provenance import code_version
-from aifactory.tenancy import TenantRef, WorkloadKind, job_metadata
+from aifactory.tenancy import TenantRef, WorkloadKind
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,21 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     home = FactoryHome.from_env().ensure()
     tenant = TenantRef(tenant=args.tenant, project=args.project)
     cfg = EmbedConfig(source=args.source, max_docs=args.max_docs, batch_size=args.batch_size, num_actors=args.num_actors)
-    code = code_version()
-    meta = job_metadata(tenant, workload=WorkloadKind.BATCH_INFERENCE, code_version=code.sha, code_dirty=code.dirty,
-                        extra={"entrypoint": "jobs.batch_embed"})
-    address = resolve_address(home)
-    if address is None:
-        ensure_token(home)
-    apply_ray_env(home)  # before Ray's first import: it reads RAY_AUTH_MODE once, then
-    init_ray(home, address=address, job_metadata=meta)
-    import ray
-
-    try:
+    with ray_session(home, address=resolve_address(home), tenant=tenant, workload=WorkloadKind.BATCH_INFERENCE,
+                     entrypoint="jobs.batch_embed"):
         result = run_batch_embed(home, cfg, tenant=tenant, log=lambda msg: print(msg, flush=True))
         print(json.dumps(result.summary()))
-    finally:
-        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ so the session's default store, which other components' tests read, never sees t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

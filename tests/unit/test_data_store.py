@@ -7,7 +7,6 @@ which tests/integration/test_data.py exercises).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from aifactory.cli._common import add_address, add_tenant, home_of, tenant_of
-from aifactory.cli._output import add_format, emit, emit_obj, human_duration, progress
+from aifactory.cli._output import add_format, emit, human_duration, progress
 from aifactory.exceptions import ConfigError
 
 

@@ -57,7 +57,7 @@ def _up(args: argparse.Namespace) -> int:
         args.format,
     )
     if args.format == "table" and started:
-        print(f"\nsubmit work: factory submit --tenant TEAM -- python my_script.py")
+        print("\nsubmit work: factory submit --tenant TEAM -- python my_script.py")
     return 0
 
 

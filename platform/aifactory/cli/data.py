@@ -51,27 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def _ray(args, home, tenant, workload, entrypoint: str):
     """In-process on the cluster of --address / RAY_ADDRESS / `factory up`, else an embedded one."""
-    from aifactory.cluster.connect import apply_ray_env, ensure_token, init_ray, resolve_address
-    from aifactory.provenance import code_version
-    from aifactory.tenancy import job_metadata
+    from aifactory.cluster.connect import ray_session, resolve_address
 
-    code = code_version()
-    meta = job_metadata(tenant, workload=workload, code_version=code.sha, code_dirty=code.dirty,
-                        extra={"entrypoint": entrypoint})
     address = resolve_address(home, args.address)
     progress("starting an embedded Ray cluster ..." if address is None else f"using the cluster at {address.dashboard_url}")
-    # Ray reads RAY_AUTH_MODE once, when it is first imported (init_ray imports it before setting it):
-    # set the auth environment first, or an embedded cluster rejects its own driver (InvalidAuthToken).
-    if address is None:
-        ensure_token(home)
-    apply_ray_env(home)
-    init_ray(home, address=address, job_metadata=meta, num_cpus=getattr(args, "num_cpus", None))
-    import ray
-
-    try:
+    with ray_session(home, address=address, tenant=tenant, workload=workload, entrypoint=entrypoint,
+                     num_cpus=getattr(args, "num_cpus", None)):
         yield
-    finally:
-        ray.shutdown()
 
 
 def _ingest(args: argparse.Namespace) -> int:

@@ -8,9 +8,11 @@ and ``RAY_AUTH_TOKEN_PATH``. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a loc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,35 @@ def init_ray(
     ctx = ray.get_runtime_context()
     gcs = ctx.gcs_address
     return ClusterAddress(gcs=gcs, dashboard_url=f"http://{LOOPBACK}:{dashboard_port}")
+
+
+@contextlib.contextmanager
+def ray_session(
+    home: FactoryHome,
+    *,
+    address: ClusterAddress | None,
+    tenant,
+    workload,
+    entrypoint: str,
+    num_cpus: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    **init_kwargs: Any,
+) -> Iterator[ClusterAddress]:
+    """An entrypoint's Ray driver, tagged with ``tenant`` (a TenantRef), the workload and the code version.
+
+    Connects to ``address`` or starts an embedded cluster (:func:`init_ray`), and shuts Ray down on exit.
+    """
+    from aifactory.provenance import code_version
+    from aifactory.tenancy import job_metadata
+
+    code = code_version()
+    meta = job_metadata(tenant, workload=workload, code_version=code.sha, code_dirty=code.dirty,
+                        extra={"entrypoint": entrypoint})
+    resolved = init_ray(home, address=address, job_metadata=meta, num_cpus=num_cpus, runtime_env=runtime_env,
+                        **init_kwargs)
+    import ray
+
+    try:
+        yield resolved
+    finally:
+        ray.shutdown()

@@ -157,7 +157,6 @@ def run_distillation(home, teacher: str, spec: DistillSpec, *, batches=None,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from aifactory.config import config_hash
-    from aifactory.data.store import DatasetStore
     from aifactory.models.gpt import GPT
     from aifactory.optimize.gate import load_registered, measure, parse_ref, register_variant, validation_batches, variant_manifest
     from aifactory.optimize.quantize import load_state

@@ -15,7 +15,6 @@ import os
 import signal
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
