@@ -48,3 +48,17 @@ def test_status_of_a_home_with_no_cluster(tmp_path):
 
     proc = _factory("--home", str(tmp_path), "status", "--format", "json", env={**os.environ})
     assert proc.returncode == 3 and '"down"' in proc.stdout
+
+
+def test_json_output_keeps_stdout_parseable(capsys):
+    """Ray forwards worker logs to the driver's sys.stdout; with --format json only the result may land there."""
+    import json
+
+    from aifactory.cli._output import emit_obj, results_only_on_stdout
+
+    with results_only_on_stdout(True):
+        print("(raylet) WARNING: 26 PYTHON worker processes have been started")
+        emit_obj({"run": "r1", "reproduced": True}, "json")
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"run": "r1", "reproduced": True}
+    assert "raylet" in err

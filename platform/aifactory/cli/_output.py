@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+
+_results = None
+
+
+def results():
+    """Where a command's result goes: stdout, even while :func:`results_only_on_stdout` diverts other output."""
+    return _results or sys.stdout
+
+
+@contextlib.contextmanager
+def results_only_on_stdout(enabled: bool):
+    """With ``--format json|csv`` stdout must parse: anything else printed meanwhile (Ray forwards worker and
+    raylet logs to the driver's ``sys.stdout``) goes to stderr, and only the result goes to stdout."""
+    global _results
+    if not enabled:
+        yield
+        return
+    _results, sys.stdout = sys.stdout, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout, _results = _results, None
 
 
 def add_format(parser, *choices: str, default: str = "table") -> None:
@@ -34,25 +58,25 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = Non
 
 def emit(rows: Sequence[Mapping[str, Any]], fmt: str, columns: Sequence[str] | None = None) -> None:
     if fmt == "json":
-        print(json.dumps(list(rows), indent=2, default=str))
+        print(json.dumps(list(rows), indent=2, default=str), file=results())
     elif fmt == "csv":
         buf = io.StringIO()
         cols = list(columns or (rows[0].keys() if rows else []))
         writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        print(buf.getvalue(), end="")
+        print(buf.getvalue(), end="", file=results())
     else:
-        table(rows, columns)
+        table(rows, columns, file=results())
 
 
 def emit_obj(obj: Mapping[str, Any], fmt: str) -> None:
     if fmt == "json":
-        print(json.dumps(obj, indent=2, default=str))
+        print(json.dumps(obj, indent=2, default=str), file=results())
     else:
         width = max((len(k) for k in obj), default=0)
         for k, v in obj.items():
-            print(f"{k.ljust(width)}  {_fmt(v)}")
+            print(f"{k.ljust(width)}  {_fmt(v)}", file=results())
 
 
 def human_duration(seconds: float | None) -> str:

@@ -7,7 +7,7 @@ import json
 import time
 
 from aifactory.cli._common import add_address, add_tenant, home_of, tenant_of
-from aifactory.cli._output import add_format, emit, human_duration, progress
+from aifactory.cli._output import add_format, emit, human_duration, progress, results
 from aifactory.exceptions import ConfigError
 
 
@@ -133,7 +133,7 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare_runs(store.get(args.baseline), store.get(args.candidate), threshold=args.threshold,
                           metrics=args.metric)
     if args.format == "json":
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(json.dumps(result.to_dict(), indent=2, default=str), file=results())
     else:
         shown = result.changes if args.all else result.regressions + result.improvements
         rows = [{"config": c.config_id, "metric": c.metric, "baseline": c.baseline_median,

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from aifactory.cli._output import results_only_on_stdout
 from aifactory.exceptions import FactoryError
 
 # Verb groups, each a module with ``register(subparsers)``; order is the order of `factory --help`.
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rc = args.func(args)
+        with results_only_on_stdout(getattr(args, "format", None) in ("json", "csv")):
+            rc = args.func(args)
     except FactoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

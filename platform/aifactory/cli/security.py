@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from aifactory.cli._common import home_of
-from aifactory.cli._output import add_format, emit, emit_obj
+from aifactory.cli._output import add_format, emit, emit_obj, results
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,7 +107,7 @@ def _audit(args) -> int:
     since = audit.parse_since(args.since) if args.since else None
     entries = audit.query(home, tenant=args.tenant, since=since, action=args.action, limit=args.limit)
     if args.format == "json":
-        print(json.dumps([{**e.model_dump(), "time": e.time_iso} for e in entries], indent=2))
+        print(json.dumps([{**e.model_dump(), "time": e.time_iso} for e in entries], indent=2), file=results())
         return 0
     rows = [{"seq": e.seq, "time": e.time_iso, "actor": e.actor, "action": e.action, "target": e.target,
              "tenant": e.tenant, "detail": json.dumps(e.detail, sort_keys=True)[:60]} for e in entries]
