@@ -150,6 +150,6 @@ def test_serving_routes_refuse_other_tenants_apps_before_touching_serve(env):
 
 
 def test_published_openapi_spec_is_current():
-    published = json.loads((REPO / "docs/api/control.openapi.json").read_text())
+    published = json.loads((REPO / "serve_apps/control.openapi.json").read_text())
     assert published == json.loads(json.dumps(openapi_spec())), \
-        "regenerate it: factory control openapi --out docs/api/control.openapi.json"
+        "regenerate it: factory control openapi --out serve_apps/control.openapi.json"
