@@ -83,3 +83,17 @@ def ray_driver(factory_cluster):
     ray.init(address=factory_cluster.gcs_address, logging_level="WARNING", log_to_driver=False)
     yield factory_cluster
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_http_port(ray_driver) -> int:
+    """Serve's HTTP port on 127.0.0.1. One Serve instance per session, since its http_options cannot change once
+    it runs (a second serve.start with another port is silently ignored): modules share it and delete their own
+    apps instead of shutting Serve down. Library code (the bench runner) may have started it already."""
+    from ray import serve
+
+    from aifactory.bench.runner import ensure_serve
+
+    port = ensure_serve(log=lambda msg: None)
+    yield port
+    serve.shutdown()

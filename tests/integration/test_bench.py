@@ -77,18 +77,20 @@ def test_cli_compare_flags_a_regression_and_report_writes_files(smoke_run, tmp_p
     same = run_factory("bench", "compare", rid, rid, home=str(home.root))
     assert "0 regression(s)" in same.stdout
 
-    # A candidate whose unbatched configuration lost ~60% of its throughput (every repeat, well outside noise).
+    # The real run's records with controlled throughputs, so the rule is tested, not this machine's noise: a tight
+    # baseline, and a candidate whose unbatched configuration lost 60% of its throughput in every repeat.
     store = ResultStore(home)
-    src = tmp_path / "slower"
-    shutil.copytree(f"{store.root}/{rid}", src)
-    lines = []
-    for line in (src / "trials.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["config_id"].startswith("b1-"):
-            rec["metrics"]["throughput_rps"] *= 0.4
-        lines.append(json.dumps(rec))
-    (src / "trials.jsonl").write_text("\n".join(lines) + "\n")
-    proc = run_factory("bench", "compare", rid, str(src), home=str(home.root), check=False)
+    base, src = tmp_path / "base", tmp_path / "slower"
+    for dest, factor in ((base, 1.0), (src, 0.4)):
+        shutil.copytree(f"{store.root}/{rid}", dest)
+        lines = []
+        for line in (dest / "trials.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["config_id"].startswith("b1-"):
+                rec["metrics"]["throughput_rps"] = (100.0 + rec["repeat"]) * factor
+            lines.append(json.dumps(rec))
+        (dest / "trials.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_factory("bench", "compare", str(base), str(src), home=str(home.root), check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "REGRESSION b1-w0.005-r1-interactive: throughput_rps" in proc.stdout
 

@@ -14,7 +14,6 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +45,8 @@ def teacher(ray_driver, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def serve_port(ray_driver):
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    yield port
-    serve.shutdown()
+def serve_port(serve_http_port):
+    return serve_http_port
 
 
 def test_quantize_register_serve_answer(teacher, serve_port):

@@ -8,36 +8,17 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
 
 APP, PREFIX = "aif-control", "/aif-control"
 ALPHA, BETA = "sec-alpha", "sec-beta"
 
 
-def _serve_port(cluster) -> int | None:
-    """The HTTP port of a Serve instance already running on the cluster (other tests may have started it)."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    from aifactory.cluster.connect import auth_headers
-
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
-        return None
-    req = urllib.request.Request(f"{cluster.dashboard_url}/api/serve/applications/",
-                                 headers=auth_headers({"RAY_AUTH_TOKEN_PATH": cluster.token_path}))
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return (json.loads(resp.read() or b"{}").get("http_options") or {}).get("port")
-
-
 @pytest.fixture(scope="module")
-def control(ray_driver):
+def control(ray_driver, serve_http_port):
     """The control app deployed with Serve on 127.0.0.1 (reusing a running Serve), plus three API keys."""
     from ray import serve
 
@@ -53,11 +34,7 @@ def control(ray_driver):
         "admin": store.create(tenant=None, role="admin", name="sec-test").secret,
     }
     t0 = time.monotonic()
-    port = _serve_port(ray_driver)
-    started = port is None
-    if started:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    port = serve_http_port
     serve.run(app_builder({"home": str(home.root)}), name=APP, route_prefix=PREFIX)
     url = f"http://127.0.0.1:{port}{PREFIX}"
     deadline = time.monotonic() + 60
@@ -71,8 +48,6 @@ def control(ray_driver):
     print(f"control API up in {time.monotonic() - t0:.1f}s at {url}")
     yield {"url": url, "home": home, "keys": keys}
     serve.delete(APP)
-    if started:  # leave Serve as we found it: other modules start it with their own http_options
-        serve.shutdown()
 
 
 def _c(control, who: str | None, timeout: float = 60):

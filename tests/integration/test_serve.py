@@ -15,21 +15,18 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
-
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-gpt"
 
 
 @pytest.fixture(scope="module")
-def serve_port(ray_driver):
+def serve_port(serve_http_port):
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    yield port
-    serve.shutdown()
+    yield serve_http_port
+    for app in ("completions", "embeddings"):  # Serve itself is shared by the session
+        serve.delete(app)
 
 
 @pytest.fixture(scope="module")
