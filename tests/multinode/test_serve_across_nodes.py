@@ -54,6 +54,8 @@ def test_replicas_on_two_nodes_and_serving_survives_a_lost_node(multinode):
                 else:
                     answered.clear()
             assert len(answered) == 20, "the app did not keep serving after losing a node"
-            assert set(answered) == {survivor.node_id}
+            # Serve may also have replaced the lost replica on another node of the pool (earlier tests of the
+            # session add pool nodes too); what matters is that the lost node serves nothing and the survivor does.
+            assert lost.node_id not in set(answered) and survivor.node_id in set(answered)
     finally:
         serve.shutdown()
