@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from aifactory.cli._output import results_only_on_stdout
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports Ray: it reads this once, and without it a local node binds the machine's network
+    # address instead of 127.0.0.1. The factory keeps local clusters on loopback (a user may still override it).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -65,6 +65,11 @@ def apply_ray_env(home: FactoryHome) -> None:
     env = ray_env(home)
     changed = any(os.environ.get(k) != env.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"))
     os.environ.update(env)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        # Read once at import: without this a driver that imported Ray first starts its embedded node on the
+        # machine's network address instead of 127.0.0.1 (../shared/RAY-2.60-NOTES.md, "Keep Ray on loopback").
+        constants.ENABLE_RAY_CLUSTER = False
     raylet = sys.modules.get("ray._raylet")
     if changed and raylet is not None:
         raylet.Config.initialize("")
