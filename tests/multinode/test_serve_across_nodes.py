@@ -39,8 +39,8 @@ def test_replicas_on_two_nodes_and_serving_survives_a_lost_node(multinode):
 
             lost, survivor = nodes
             multinode.remove_node(lost)
-            # Requests in flight on the lost node may fail while Serve notices; after that, every request
-            # is answered by the survivor, without a redeploy.
+            # Requests in flight on the lost node may fail while Serve notices; after that, 20 requests in a row
+            # are answered by live nodes, without a redeploy.
             deadline = time.monotonic() + 60
             answered: list[str] = []
             while time.monotonic() < deadline and len(answered) < 20:
@@ -49,13 +49,13 @@ def test_replicas_on_two_nodes_and_serving_survives_a_lost_node(multinode):
                 except httpx.HTTPError:
                     answered.clear()
                     continue
-                if r.status_code == 200:
+                if r.status_code == 200 and r.text != lost.node_id:
                     answered.append(r.text)
-                else:
+                else:  # an error, or the lost node's replica process still answering before it notices: not yet
                     answered.clear()
             assert len(answered) == 20, "the app did not keep serving after losing a node"
             # Serve may also have replaced the lost replica on another node of the pool (earlier tests of the
-            # session add pool nodes too); what matters is that the lost node serves nothing and the survivor does.
-            assert lost.node_id not in set(answered) and survivor.node_id in set(answered)
+            # session add pool nodes too); the survivor must be among those answering.
+            assert survivor.node_id in set(answered)
     finally:
         serve.shutdown()
