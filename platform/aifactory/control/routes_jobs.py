@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from aifactory.control.app import CurrentPrincipal, not_visible, scope_tenant, state_of
-from aifactory.control.schemas import Job, JobLogs, JobStopped, JobSubmit, JobSubmitted
+from aifactory.control.schemas import JobLogs, JobStopped, JobSubmit, JobSubmitted
 from aifactory.exceptions import ConfigError, JobNotFound, PermissionDenied
 from aifactory.jobs.client import Client, JobRecord
 from aifactory.security.apikeys import Principal
@@ -56,20 +56,20 @@ def submit_job(body: JobSubmit, request: Request, principal: CurrentPrincipal) -
     return JobSubmitted(id=job_id, tenant=tenant)
 
 
-@router.get("/jobs", response_model=list[Job], summary="Your tenant's jobs (admins: all, or ?tenant=)")
+@router.get("/jobs", response_model=list[JobRecord], summary="Your tenant's jobs (admins: all, or ?tenant=)")
 def list_jobs(
     request: Request,
     principal: CurrentPrincipal,
     tenant: Annotated[str | None, Query(max_length=63, description="Admins: only this tenant's jobs.")] = None,
-) -> list[Job]:
+) -> list[JobRecord]:
     scope = scope_tenant(principal, tenant)
     records = state_of(request).jobs(principal).list(tenant=scope)
-    return [Job(**r.model_dump()) for r in records]
+    return records
 
 
-@router.get("/jobs/{job_id}", response_model=Job, summary="One job")
-def get_job(job_id: JobId, request: Request, principal: CurrentPrincipal) -> Job:
-    return Job(**_visible_job(request, principal, job_id)[1].model_dump())
+@router.get("/jobs/{job_id}", response_model=JobRecord, summary="One job")
+def get_job(job_id: JobId, request: Request, principal: CurrentPrincipal) -> JobRecord:
+    return _visible_job(request, principal, job_id)[1]
 
 
 @router.get("/jobs/{job_id}/logs", response_model=JobLogs, summary="A job's logs")

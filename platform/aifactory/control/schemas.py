@@ -46,21 +46,6 @@ class JobSubmitted(BaseModel):
     tenant: str = Field(description="The tenant the job was tagged with (from the API key).")
 
 
-class Job(BaseModel):
-    id: str
-    ray_job_id: str | None
-    type: str
-    status: str
-    tenant: str
-    project: str
-    workload: str
-    entrypoint: str | None
-    start_time: float | None
-    end_time: float | None
-    metadata: dict[str, str]
-    message: str | None = None
-
-
 class JobLogs(BaseModel):
     id: str = Field(description="The job.")
     logs: str = Field(description="The job's log so far.")

@@ -202,19 +202,24 @@ class Ledger:
 
     # --- serving usage, events, alerts ---------------------------------------------------------------
 
-    def serve_usage(self, *, since: float | None = None, tenant: str | None = None) -> list[dict]:
-        sql = "SELECT tenant, project, application, requests, processing_s, tokens, window_start FROM serve_usage WHERE 1=1"
+    def _select(self, sql: str, keys: tuple[str, ...], *, since_clause: str, since: float | None,
+                tenant: str | None) -> list[dict]:
+        """Rows of ``sql`` (a SELECT of ``keys`` ending in WHERE 1=1), filtered by time and tenant, as dicts."""
         args: list = []
         if since is not None:
-            sql += " AND window_end > ?"
+            sql += f" AND {since_clause}"
             args.append(since)
         if tenant is not None:
             sql += " AND tenant = ?"
             args.append(tenant)
         with self._connect() as db:
             rows = db.execute(sql, args).fetchall()
-        keys = ("tenant", "project", "application", "requests", "processing_s", "tokens", "window_start")
         return [dict(zip(keys, r)) for r in rows]
+
+    def serve_usage(self, *, since: float | None = None, tenant: str | None = None) -> list[dict]:
+        keys = ("tenant", "project", "application", "requests", "processing_s", "tokens", "window_start")
+        return self._select(f"SELECT {', '.join(keys)} FROM serve_usage WHERE 1=1", keys,
+                            since_clause="window_end > ?", since=since, tenant=tenant)
 
     def record_event(self, *, key: str, tenant: str, kind: str, project: str = "default", job_id: str = "",
                      count: float = 1.0, t: float | None = None) -> bool:
@@ -228,17 +233,9 @@ class Ledger:
             return db.total_changes > before
 
     def events(self, *, since: float | None = None, tenant: str | None = None) -> list[dict]:
-        sql = "SELECT t, tenant, project, kind, job_id, count FROM events WHERE 1=1"
-        args: list = []
-        if since is not None:
-            sql += " AND t >= ?"
-            args.append(since)
-        if tenant is not None:
-            sql += " AND tenant = ?"
-            args.append(tenant)
-        with self._connect() as db:
-            rows = db.execute(sql, args).fetchall()
-        return [dict(zip(("t", "tenant", "project", "kind", "job_id", "count"), r)) for r in rows]
+        keys = ("t", "tenant", "project", "kind", "job_id", "count")
+        return self._select(f"SELECT {', '.join(keys)} FROM events WHERE 1=1", keys,
+                            since_clause="t >= ?", since=since, tenant=tenant)
 
     def add_alert(self, tenant: str, kind: str, message: str) -> None:
         with self.transaction() as db:
