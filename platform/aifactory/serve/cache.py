@@ -71,6 +71,16 @@ class ExactCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def entries(self, tenant: str | None = None) -> int:
+        return len(self._data) if tenant is None else sum(1 for k in self._data if k[0] == tenant)
+
+    def drop(self, tenant: str | None = None) -> int:
+        """Forget every entry of ``tenant`` (all entries when ``None``); returns how many were dropped."""
+        doomed = [k for k in self._data if tenant is None or k[0] == tenant]
+        for k in doomed:
+            del self._data[k]
+        return len(doomed)
+
 
 class SemanticCache:
     """Nearest-neighbour lookup over normalised embeddings, per (tenant, version, sampling fields) bucket."""
@@ -123,6 +133,27 @@ class SemanticCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def entries(self, tenant: str | None = None) -> int:
+        return len(self._entries) if tenant is None else sum(1 for e in self._entries.values() if e[0][0] == tenant)
+
+    def drop(self, tenant: str | None = None) -> int:
+        """Forget every entry of ``tenant`` (all entries when ``None``); returns how many were dropped."""
+        doomed = [eid for eid, e in self._entries.items() if tenant is None or e[0][0] == tenant]
+        for eid in doomed:
+            del self._entries[eid]
+        return len(doomed)
+
+
+def flush_requests(seen: dict[str, str], wanted: dict[str, str]) -> list[str | None]:
+    """Which tenants' response caches a new ``cache_flush`` user_config asks to forget.
+
+    ``cache_flush`` maps a tenant (or ``"*"`` for every tenant) to an opaque token; the control API writes a
+    new token to ask every replica to flush, through Serve's ``user_config`` (so all replicas see it,
+    including ones that start later, which hold nothing yet). A token already ``seen`` asks for nothing.
+    Returns tenant names, ``None`` standing for "all".
+    """
+    return [None if t == "*" else t for t, token in sorted(wanted.items()) if seen.get(t) != token]
 
 
 class PrefixCache:

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from aifactory.config import StrictModel
+from aifactory.tenancy import TenantName
 
 
 class BatchingConfig(StrictModel):
@@ -182,6 +183,9 @@ class CompletionsArgs(StrictModel):
         description="'header': X-Tenant or api_keys (local, or behind the control API); 'factory-keys': every "
         "request needs a factory API key from the hashed key store under the home, and the key decides the tenant.",
     )
+    tenants: list[TenantName] | None = Field(
+        None, description="Only these tenants may call the app (a tenant's own app, deployed by the control API); "
+        "null = any tenant. Enforced on the resolved tenant, so with 'factory-keys' it cannot be claimed.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress/router.")
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests per ingress replica.")
     ingress_max_queued_requests: int = Field(512, ge=1, description="Requests waiting for the ingress.")

@@ -13,7 +13,7 @@ Two modes (``auth`` in the app's args):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from aifactory.serve.schemas import APIError
@@ -56,9 +56,11 @@ def resolve_slo_class(headers: Mapping[str, str], path: str, default: str) -> st
 class TenantResolver:
     """Built once per replica from the app's args; call it with each request's headers."""
 
-    def __init__(self, *, auth: Literal["header", "factory-keys"], api_keys: Mapping[str, str], home: str | None):
+    def __init__(self, *, auth: Literal["header", "factory-keys"], api_keys: Mapping[str, str], home: str | None,
+                 tenants: Sequence[str] | None = None):
         self.auth = auth
         self.api_keys = dict(api_keys)
+        self.tenants = None if tenants is None else frozenset(tenants)
         self._keys = None
         if auth == "factory-keys":
             from aifactory.home import FactoryHome
@@ -67,6 +69,14 @@ class TenantResolver:
             self._keys = KeyStore(FactoryHome.from_env(home))
 
     def __call__(self, headers: Mapping[str, str]) -> str:
+        tenant = self._resolve(headers)
+        if self.tenants is not None and tenant not in self.tenants:
+            # A tenant's own app: another tenant's valid key is refused (not billed to, nor served for it).
+            raise APIError(403, f"tenant {tenant!r} may not call this application", param="Authorization",
+                           code="tenant_not_allowed", type_="permission_error")
+        return tenant
+
+    def _resolve(self, headers: Mapping[str, str]) -> str:
         if self._keys is None:
             return resolve_tenant(headers, self.api_keys)
         from aifactory.exceptions import AuthenticationError

@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from aifactory.config import parse_config
 from aifactory.exceptions import FactoryError
-from aifactory.serve.cache import ExactCache, PrefixCache, SemanticCache
+from aifactory.serve.cache import ExactCache, PrefixCache, SemanticCache, flush_requests
 from aifactory.serve.config import CompletionsArgs
 from aifactory.serve.engine import Decoder, GenItem, GenResult, LoadedModel, load_version
 from aifactory.serve.http import error_response, install_error_handlers
@@ -78,11 +78,14 @@ async def _sse(resp: CompletionResponse):
     yield "data: [DONE]\n\n"
 
 
-def _cache_info(cache) -> dict | None:
+def _cache_info(cache, tenant: str | None = None) -> dict | None:
+    """Entries and hit counts of one response cache: all tenants', or only ``tenant``'s."""
     if cache is None:
         return None
-    return {"entries": len(cache), "hit_ratio": cache.stats.hit_ratio(),
-            "lookups": sum(cache.stats.lookups.values()), "hits": sum(cache.stats.hits.values())}
+    st = cache.stats
+    lookups = sum(st.lookups.values()) if tenant is None else st.lookups.get(tenant, 0)
+    hits = sum(st.hits.values()) if tenant is None else st.hits.get(tenant, 0)
+    return {"entries": cache.entries(tenant), "hit_ratio": st.hit_ratio(tenant), "lookups": lookups, "hits": hits}
 
 
 @serve.deployment
@@ -161,7 +164,8 @@ class Ingress:
 
         self.args = CompletionsArgs.model_validate(args)
 
-        self.tenants = TenantResolver(auth=self.args.auth, api_keys=self.args.api_keys, home=self.args.home)
+        self.tenants = TenantResolver(auth=self.args.auth, api_keys=self.args.api_keys, home=self.args.home,
+                                      tenants=self.args.tenants)
         self.handles = {INTERACTIVE: interactive, BATCH: batch, CANARY: canary}
         self.tokenizer = ByteTokenizer()
         a = self.args
@@ -185,6 +189,16 @@ class Ingress:
     def reconfigure(self, user_config: dict) -> None:
         if "rollout" in user_config:
             self.rollout = parse_config(RolloutState, user_config["rollout"], source="Ingress user_config.rollout")
+        wanted = {str(k): str(v) for k, v in (user_config.get("cache_flush") or {}).items()}
+        for tenant in flush_requests(getattr(self, "_flushes_seen", {}), wanted):
+            for cache in (self.exact, self.semantic):
+                if cache is not None:
+                    cache.drop(tenant)
+        self._flushes_seen = wanted
+
+    def cache_info(self, tenant: str | None = None) -> dict:
+        """This replica's response caches, for the control API (through a handle; ``tenant`` None = all)."""
+        return {"exact": _cache_info(self.exact, tenant), "semantic": _cache_info(self.semantic, tenant)}
 
     # ---- routes -------------------------------------------------------------------------------
     @api.get("/healthz")
