@@ -120,17 +120,56 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.reset_parameters()
 
+    def _init_rule(self, name: str, ndim: int) -> float | str:
+        """GPT-2 initialisation of one parameter: ``"ones"``, ``"zeros"`` or the std of a zero-mean normal.
+
+        LayerNorm weights start at 1 and biases at 0; residual projections are scaled by 1/sqrt(2 * n_layers)
+        to keep the residual stream's variance."""
+        if ndim == 1:
+            return "ones" if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else "zeros"
+        if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            return 0.02 / math.sqrt(2 * self.config.n_layers)
+        return 0.02
+
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 * n_layers) to keep the stream's variance."""
+        """GPT-2 initialisation in place, drawn from the global RNG (see :meth:`init_weights` for sharded models)."""
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                # LayerNorm weights stay 1; biases start at 0.
-                nn.init.ones_(p) if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else nn.init.zeros_(p)
+            rule = self._init_rule(name, p.dim())
+            if rule == "ones":
+                nn.init.ones_(p)
+            elif rule == "zeros":
+                nn.init.zeros_(p)
             else:
-                std = 0.02
-                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                    std /= math.sqrt(2 * self.config.n_layers)
-                nn.init.normal_(p, mean=0.0, std=std)
+                nn.init.normal_(p, mean=0.0, std=rule)
+
+    @torch.no_grad()
+    def init_weights(self, *, seed: int) -> None:
+        """GPT-2 initialisation from ``seed`` alone, the same whatever the device, sharding or world size.
+
+        Each parameter's *full* value is drawn on the CPU from one generator, parameter by parameter in
+        ``named_parameters`` order, and copied into the parameter; an FSDP2 (DTensor) parameter takes only
+        this rank's shard of it (no communication). So a model built on the meta device, sharded, then
+        ``to_empty``-ed gets exactly the weights of an unsharded eager build with the same seed, while no
+        rank ever holds more than one full parameter at a time (aifactory.train.parallel.build_model).
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            rule = self._init_rule(name, p.dim())
+            full = torch.empty(tuple(p.shape), dtype=torch.float32)
+            if rule == "ones":
+                full.fill_(1.0)
+            elif rule == "zeros":
+                full.zero_()
+            else:
+                full.normal_(mean=0.0, std=rule, generator=gen)
+            full = full.to(device=p.device, dtype=p.dtype)
+            if isinstance(p, DTensor):
+                # src_data_rank=None: every rank holds the same full value, so each keeps its own chunk locally.
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+            else:
+                p.copy_(full)
 
     def new_kv_cache(
         self, batch_size: int, *, max_len: int | None = None, device=None, dtype: torch.dtype | None = None

@@ -64,10 +64,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from aifactory.data.store import DatasetStore
     from aifactory.data.tokenizer import PAD
     from aifactory.home import FactoryHome
-    from aifactory.models.gpt import GPT
     from aifactory.train import checkpoint as ckpt
-    from aifactory.train.metrics import RayTrainMetrics, mfu, peak_flops, peak_memory_bytes, rss_bytes
-    from aifactory.train.parallel import autocast_context, current_device, shard_model
+    from aifactory.train.metrics import RayTrainMetrics, TrainingPeakMemory, mfu, peak_flops
+    from aifactory.train.parallel import autocast_context, build_model, current_device
 
     payload = WorkerPayload.model_validate(config)  # validate again on this side of the boundary
     job = payload.job
@@ -79,9 +78,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data_seq_len = version.manifest.seq_len
     seq_len = min(job.model.gpt.seq_len, data_seq_len - 1)  # model input; targets are shifted by one
 
-    torch.manual_seed(job.seed)  # identical initialisation on every rank before sharding
-    baseline_rss = rss_bytes()
-    model = shard_model(GPT(job.model.gpt), sharding=job.sharding, precision=job.precision, device=dev.device)
+    torch.manual_seed(job.seed)  # same dropout streams on every rank; the weights come from init_weights(seed)
+    memory = TrainingPeakMemory(dev.device.type)
+    memory.baseline()  # before the model exists: "above baseline" is what the model and its training add
+    # Built on the meta device and initialised shard by shard: no rank materialises the full fp32 model.
+    model = build_model(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device, seed=job.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cfg = job.optimizer
     optimizer = torch.optim.AdamW(
@@ -176,12 +177,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         timed = meter.wait_s + meter.compute_s
         steady_steps = max(meter.steps - meter.warmup_steps, 0)
         tps = steady_steps * tokens_per_step / timed if timed > 0 else 0.0
-        peak_bytes = peak_memory_bytes(dev.device.type)
         return {"rank": rank, "tokens_per_s": tps, "mfu": mfu(tokens_per_s=tps, flops_per_token=flops_per_token, peak=peak.flops),
-                "peak_memory_bytes": peak_bytes, "peak_memory_above_baseline_bytes": max(peak_bytes - baseline_rss, 0)
-                if dev.device.type == "cpu" else peak_bytes, **meter.summary()}
+                "peak_memory_bytes": memory.peak(), "peak_memory_above_baseline_bytes": memory.above_baseline(),
+                "memory_baseline_bytes": memory.baseline_bytes, "setup_peak_memory_bytes": memory.setup_peak_bytes,
+                "peak_memory_method": memory.method, **meter.summary()}
 
     model.train()
+    memory.start()  # setup is done: from here on the peak is the training steps' (checkpoint saves excluded)
     batches = train_batches(skip=state["step"])
     for step in range(state["step"] + 1, job.steps + 1):
         if job.faults.kill_rank == rank and job.faults.kill_at_step == step and not fault_marker.exists():
@@ -244,6 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from ray.train import Checkpoint
 
         ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=ckpt.step_dir_name(step))
+        memory.start()  # a new window: the save's state-dict copies are not training memory
 
 
 def _register(model, payload: WorkerPayload, dataset_version: str, step: int, val_loss: float, rank: int, ckpt) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import time
 from dataclasses import dataclass
 
 # Dense peak FLOP/s per device from the vendors' datasheets (no 2:4 sparsity). bf16-mixed uses the bf16
@@ -79,8 +80,122 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
+def _vm_hwm_bytes() -> int | None:
+    """The kernel's RSS high-water mark of this process (VmHWM), or None where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's RSS high-water mark to its current RSS (Linux >= 4.0: ``clear_refs`` value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _vm_hwm_bytes() is not None
+    except OSError:
+        return False
+
+
+class TrainingPeakMemory:
+    """Peak memory of the training steps, absolute and above the memory in use before the model was built.
+
+    ``baseline()`` is called right before model construction; ``start()`` once setup (model, optimizer,
+    resume, validation data) is done, and again after each checkpoint save; ``peak()`` is the largest
+    high-water mark of the windows measured so far. So the figure covers training steps and evaluation
+    (forward, backward, optimizer step and its lazily created Adam state, FSDP's transient all-gathers) and
+    leaves out setup and checkpoint saving.
+
+    - CPU: the process's RSS high-water mark. Peak RSS over the process's life (``ru_maxrss``) would also
+      count the torch/Ray import and any transient during setup, so the kernel's mark is reset at each
+      ``start()`` (``/proc/self/clear_refs``) and read from ``VmHWM``; where that is not allowed, a daemon
+      thread samples the RSS every ``sample_s`` instead (may miss spikes shorter than that).
+      ``above_baseline = peak - RSS at baseline()``: what the model, its training state and activations add.
+    - CUDA: ``torch.cuda.max_memory_allocated`` since ``torch.cuda.reset_peak_memory_stats`` at ``start()``;
+      the baseline is ``memory_allocated`` at ``baseline()`` (usually 0).
+    """
+
+    def __init__(self, device_type: str, *, sample_s: float = 0.005):
+        self.device_type = device_type
+        self.sample_s = sample_s
+        self.baseline_bytes = 0
+        self._peak = 0
+        self._kernel_hwm: bool | None = None
+        self._sampler = None
+        self.setup_peak_bytes: int | None = None
+        self.method = "cuda max_memory_allocated" if device_type == "cuda" else None
+
+    def baseline(self) -> int:
+        if self.device_type == "cuda":
+            import torch
+
+            self.baseline_bytes = int(torch.cuda.memory_allocated())
+        else:
+            self.baseline_bytes = rss_bytes()
+        return self.baseline_bytes
+
+    def start(self) -> None:
+        """Begin a window: fold the open window's peak in, then reset the high-water mark."""
+        self._fold()
+        if self.device_type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            return
+        if self._kernel_hwm is None:
+            self.setup_peak_bytes = peak_memory_bytes("cpu")  # before the first reset: includes setup's transients
+            self._kernel_hwm = _reset_hwm()
+            self.method = "VmHWM reset via /proc/self/clear_refs" if self._kernel_hwm else f"RSS sampled every {self.sample_s * 1e3:g} ms"
+            if not self._kernel_hwm:
+                self._start_sampler()
+        elif self._kernel_hwm:
+            _reset_hwm()
+        else:
+            self._sampled = rss_bytes()
+
+    def _start_sampler(self) -> None:
+        import threading
+
+        self._sampled = rss_bytes()
+
+        def sample() -> None:
+            while True:
+                self._sampled = max(self._sampled, rss_bytes())
+                time.sleep(self.sample_s)
+
+        self._sampler = threading.Thread(target=sample, name="aif-rss-sampler", daemon=True)
+        self._sampler.start()
+
+    def _window_peak(self) -> int:
+        if self.device_type == "cuda":
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        if self._kernel_hwm:
+            return _vm_hwm_bytes() or 0
+        return max(getattr(self, "_sampled", 0), rss_bytes()) if self._kernel_hwm is False else 0
+
+    def _fold(self) -> None:
+        self._peak = max(self._peak, self._window_peak())
+
+    def peak(self) -> int:
+        """Largest memory in use during the measured windows (bytes)."""
+        self._fold()
+        return self._peak
+
+    def above_baseline(self) -> int:
+        return max(self.peak() - self.baseline_bytes, 0)
+
+
 def peak_memory_bytes(device_type: str) -> int:
-    """Peak memory of this worker: CUDA allocator peak on GPU, peak RSS (ru_maxrss) on CPU."""
+    """Peak memory over the process's life: CUDA allocator peak on GPU, peak RSS (ru_maxrss) on CPU.
+
+    Includes imports and setup transients; :class:`TrainingPeakMemory` measures the training steps alone."""
     if device_type == "cuda":
         import torch
 

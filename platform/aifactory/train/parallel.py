@@ -47,9 +47,34 @@ def current_device(local_rank: int = 0) -> DeviceInfo:
     return DeviceInfo(torch.device("cpu"), "gloo", "cpu")
 
 
+def build_model(config, *, sharding: str, precision: str, device: torch.device, seed: int) -> nn.Module:
+    """A :class:`~aifactory.models.gpt.GPT` for training, wrapped by :func:`shard_model`, its weights from ``seed``.
+
+    The model is built on the meta device (no memory), sharded, then materialised with ``to_empty`` and
+    initialised by :meth:`GPT.init_weights`: under FSDP2 no rank ever holds the full fp32 model, only its
+    shard plus one full parameter at a time. DDP and FSDP runs with the same seed start from identical
+    weights. Requires an initialised process group.
+    """
+    from aifactory.models.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    if sharding == "fsdp":
+        model = shard_model(model, sharding=sharding, precision=precision, device=device)
+        model.to_empty(device=device)
+        model.init_weights(seed=seed)
+        return model
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    return shard_model(model, sharding=sharding, precision=precision, device=device)
+
+
 def shard_model(model: nn.Module, *, sharding: str, precision: str, device: torch.device) -> nn.Module:
-    """Wrap ``model`` for data-parallel training. Requires an initialised process group."""
-    model = model.to(device)
+    """Wrap ``model`` for data-parallel training. Requires an initialised process group.
+
+    A model on the meta device stays there (FSDP2 shards meta parameters; see :func:`build_model`)."""
+    if not any(p.is_meta for p in model.parameters()):
+        model = model.to(device)
     if sharding == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
