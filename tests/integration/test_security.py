@@ -195,6 +195,69 @@ def test_serving_refuses_tampered_and_foreign_models(control, tmp_path):
     assert audit.query(home, action="serve") == []  # nothing was deployed, nothing audited
 
 
+def test_tenant_app_answers_only_its_keys_and_its_cache_is_managed_per_tenant(control, serve_http_port, tmp_path):
+    """A completions app deployed through the control API: only its tenant's factory keys get answers, and the
+    tenant reads and flushes its own cached answers (on every replica) while other tenants get 404."""
+    import torch
+
+    from aifactory import audit
+    from aifactory.models.gpt import GPT, GPTConfig
+    from aifactory.registry import ModelRegistry
+
+    home = control["home"]
+    cfg = GPTConfig(seq_len=256, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    torch.manual_seed(0)
+    torch.save(GPT(cfg).state_dict(), tmp_path / "gpt.pt")
+    mv = ModelRegistry(home).register("sec-gpt", weights_path=str(tmp_path / "gpt.pt"),
+                                      model_config=cfg.model_dump(), manifest={"tenant": ALPHA})
+    alpha, beta = _c(control, ALPHA, timeout=300), _c(control, BETA)
+    t0 = time.monotonic()
+    resp = alpha.post("/v1/serve/apps", json={"name": "cached", "model_name": "sec-gpt", "model_version": mv.version})
+    assert resp.status_code == 201, resp.text
+    print(f"tenant app deployed through the control API in {time.monotonic() - t0:.1f}s")
+    app = f"{ALPHA}.cached"
+    url = f"http://127.0.0.1:{serve_http_port}/t/{ALPHA}/cached/v1/completions"
+    body = {"model": "sec-gpt", "prompt": "def main():", "max_tokens": 4, "temperature": 0}
+
+    def ask(who: str | None, **headers) -> httpx.Response:
+        if who:
+            headers["Authorization"] = f"Bearer {control['keys'][who]}"
+        return httpx.post(url, json=body, headers=headers, timeout=60)
+
+    try:
+        # Serve's port is reachable without the control API: the app itself checks factory keys and its owner.
+        assert ask(None).status_code == 401
+        assert ask(None, **{"X-Tenant": ALPHA}).status_code == 401  # a header's word is not enough
+        assert ask(BETA).status_code == 403  # a valid key of another tenant
+        first, second = ask(ALPHA), ask(ALPHA)
+        assert first.status_code == second.status_code == 200, (first.text, second.text)
+        assert second.json()["system_fingerprint"].endswith("+exact-cache")
+        assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+
+        info = alpha.get(f"/v1/serve/apps/{app}/cache")
+        assert info.status_code == 200, info.text
+        assert info.json()["tenant"] == ALPHA and info.json()["exact"]["entries"] >= 1
+        assert info.json()["exact"]["hits"] >= 1
+        # another tenant can neither read nor flush it; a tenant cannot name another tenant's entries
+        assert beta.get(f"/v1/serve/apps/{app}/cache").status_code == 404
+        assert beta.delete(f"/v1/serve/apps/{app}/cache").status_code == 404
+        assert alpha.get(f"/v1/serve/apps/{app}/cache", params={"tenant": BETA}).status_code == 404
+        assert audit.query(home, action="serve.cache_flush", target=app) == []
+
+        flushed = alpha.delete(f"/v1/serve/apps/{app}/cache")
+        assert flushed.status_code == 200, flushed.text
+        after = ask(ALPHA)
+        assert after.status_code == 200 and not after.json()["system_fingerprint"].endswith("-cache")
+        assert after.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        assert len(audit.query(home, action="serve.cache_flush", target=app)) == 1
+    finally:
+        assert beta.delete(f"/v1/serve/apps/{app}").status_code == 404
+        gone = alpha.delete(f"/v1/serve/apps/{app}")
+        assert gone.status_code == 200, gone.text
+    assert len(audit.query(home, action="serve.delete", target=app)) == 1
+    assert len(audit.query(home, action="serve.deploy", target=app)) == 1
+
+
 def test_fuzz_published_spec_finds_no_5xx_and_no_cross_tenant_read(control, jobs):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings

@@ -169,3 +169,34 @@ class ControlClient:
         params = {k: v for k, v in (("since", since), ("action", action)) if v}
         return self._call("GET", "/v1/audit", params=params or None)
 
+
+    # ---- serving -------------------------------------------------------------------------------------
+    def serve_apps(self) -> list[dict]:
+        return self._call("GET", "/v1/serve/apps")
+
+    def serve_deploy(self, name: str, model_name: str, model_version: str | None = None, *,
+                     tenant: str | None = None) -> dict:
+        """Deploy a completions app ``<tenant>.<name>`` at ``/t/<tenant>/<name>`` (answers only the tenant's keys)."""
+        body = {"name": name, "model_name": model_name, "model_version": model_version}
+        if tenant:
+            body["tenant"] = tenant
+        return self._call("POST", "/v1/serve/apps", json=body)
+
+    def serve_canary(self, app: str, model_version: str, percent: float) -> dict:
+        return self._call("POST", f"/v1/serve/apps/{app}/canary", json={"model_version": model_version,
+                                                                         "percent": percent})
+
+    def serve_promote(self, app: str) -> dict:
+        return self._call("POST", f"/v1/serve/apps/{app}/promote")
+
+    def serve_rollback(self, app: str) -> dict:
+        return self._call("POST", f"/v1/serve/apps/{app}/rollback")
+
+    def serve_delete(self, app: str) -> dict:
+        return self._call("DELETE", f"/v1/serve/apps/{app}")
+
+    def cache_info(self, app: str, *, tenant: str | None = None) -> dict:
+        return self._call("GET", f"/v1/serve/apps/{app}/cache", params={"tenant": tenant} if tenant else None)
+
+    def flush_cache(self, app: str, *, tenant: str | None = None) -> dict:
+        return self._call("DELETE", f"/v1/serve/apps/{app}/cache", params={"tenant": tenant} if tenant else None)

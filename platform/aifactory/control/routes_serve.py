@@ -5,6 +5,9 @@ unambiguous) and routed at ``/t/<tenant>/<name>``. A tenant acts only on its own
 only models registered for it (``manifest.tenant``), verified (signature and sha256) before Serve sees
 them; anything else answers 404. Applications outside this naming are the operators' (admins only).
 Deploys pass the cost package's admission; every change is audited once.
+
+Response caches: a tenant reads and flushes only its own entries, in its own applications and in the
+operators' shared ones (where its requests are cached too); an admin names a tenant or acts on all.
 """
 
 from __future__ import annotations
@@ -119,7 +122,10 @@ def deploy_app(body: ServeDeployBody, request: Request, principal: CurrentPrinci
     else:
         admit(home, TenantRef(tenant=tenant), {"CPU": 1.0}, WorkloadKind.SERVE)
     app, route = f"{tenant}.{body.name}", f"/t/{tenant}/{body.name}"
-    args = CompletionsArgs(model_name=mv.name, model_version=mv.version, home=str(home.root))
+    # A tenant's app answers only that tenant's factory API keys: Serve's HTTP port is reachable without the
+    # control API, so the app itself must not take an X-Tenant header's word or serve another tenant.
+    args = CompletionsArgs(model_name=mv.name, model_version=mv.version, home=str(home.root),
+                           auth="factory-keys", tenants=[tenant])
     status = deploy(_rest(request), completions_entry(args, name=app, route_prefix=route))
     audit.record(home, actor=principal.actor, action="serve.deploy", target=app, tenant=tenant,
                  detail={"model": mv.ref, "sha256": mv.sha256, "route_prefix": route})
@@ -180,3 +186,68 @@ def rollback(app: AppName, request: Request, principal: CurrentPrincipal) -> dic
     audit.record(state_of(request).home, actor=principal.actor, action="serve.rollback", target=app,
                  tenant=owner_of(app), detail={"stable_version": state.stable_version})
     return state.model_dump()
+
+
+@router.delete("/serve/apps/{app}", summary="Shut down one of your Serve applications")
+def delete_app(app: AppName, request: Request, principal: CurrentPrincipal) -> dict:
+    from aifactory.serve import deploy as sd
+
+    _visible_app(principal, app)
+    rest = _rest(request)
+    if app not in (rest.details().get("applications") or {}):
+        raise not_visible("Serve application", app)
+    sd.delete_app(rest, app)
+    audit.record(state_of(request).home, actor=principal.actor, action="serve.delete", target=app,
+                 tenant=owner_of(app))
+    return {"name": app, "deleted": True}
+
+
+class CacheInfo(BaseModel):
+    app: str
+    tenant: str | None = Field(description="Whose entries these are; null = every tenant's (admins).")
+    exact: dict | None = Field(description="Exact-answer cache: entries, lookups, hits, hit_ratio (null = off).")
+    semantic: dict | None = Field(description="Semantic cache: entries, lookups, hits, hit_ratio (null = off).")
+    note: str = "from one ingress replica; Prometheus' aifactory_serve_cache_* metrics aggregate all replicas"
+
+
+def _cache_scope(principal: Principal, app: str, tenant: str | None) -> str | None:
+    """The tenant whose cache entries this call reads or flushes (``None``: all, admins only)."""
+    owner = owner_of(app)
+    if principal.is_admin:
+        return tenant
+    if tenant is not None and tenant != principal.tenant:
+        raise not_visible("cache entries of tenant", tenant)
+    if owner is not None and owner != principal.tenant:
+        raise not_visible("Serve application", app)
+    return principal.tenant
+
+
+def _ingress_of(request: Request, app: str) -> None:
+    apps = _rest(request).details().get("applications") or {}
+    if "Ingress" not in ((apps.get(app) or {}).get("deployments") or {}):
+        raise not_visible("cache of Serve application", app)
+
+
+@router.get("/serve/apps/{app}/cache", response_model=CacheInfo, summary="Your cached answers in an application")
+async def cache_info(app: AppName, request: Request, principal: CurrentPrincipal,
+                     tenant: TenantName | None = None) -> CacheInfo:
+    import asyncio
+
+    from ray import serve
+
+    scope = _cache_scope(principal, app, tenant)
+    await asyncio.to_thread(_ingress_of, request, app)  # a blocking REST call: off the event loop
+    info = await asyncio.wait_for(serve.get_app_handle(app).cache_info.remote(scope), timeout=30)
+    return CacheInfo(app=app, tenant=scope, exact=info.get("exact"), semantic=info.get("semantic"))
+
+
+@router.delete("/serve/apps/{app}/cache", summary="Forget your cached answers in an application (every replica)")
+def flush_cache(app: AppName, request: Request, principal: CurrentPrincipal, tenant: TenantName | None = None) -> dict:
+    from aifactory.serve import deploy as sd
+
+    scope = _cache_scope(principal, app, tenant)
+    _ingress_of(request, app)
+    token = sd.flush_caches(_rest(request), app, scope)
+    audit.record(state_of(request).home, actor=principal.actor, action="serve.cache_flush", target=app,
+                 tenant=scope, detail={"token": token, "scope": scope or "*"})
+    return {"app": app, "tenant": scope, "flushed": True}

@@ -108,13 +108,19 @@ def deploy(rest: ServeREST, entry: dict, *, http_port: int | None = None, wait_s
 
 
 def update_deployments(rest: ServeREST, app: str, user_configs: dict[str, dict], *, wait_s: float = 120.0) -> dict:
-    """Set ``user_config`` of deployments of ``app`` (in place, no restarts) and wait until RUNNING."""
-    config = current_config(rest.details())
+    """Update keys of ``user_config`` of deployments of ``app`` (in place, no restarts); wait until RUNNING.
+
+    The given keys are merged into each deployment's live ``user_config``, so one change (a canary share)
+    never erases another (a cache flush token)."""
+    details = rest.details()
+    config = current_config(details)
+    live = ((details.get("applications") or {}).get(app) or {}).get("deployments") or {}
     for entry in config["applications"]:
         if entry["name"] == app:
             overrides = {d["name"]: d for d in entry.get("deployments") or []}
             for dep, uc in user_configs.items():
-                overrides.setdefault(dep, {"name": dep})["user_config"] = uc
+                current = ((live.get(dep) or {}).get("deployment_config") or {}).get("user_config") or {}
+                overrides.setdefault(dep, {"name": dep})["user_config"] = {**current, **uc}
             entry["deployments"] = list(overrides.values())
             break
     else:
@@ -223,6 +229,22 @@ def rollback(rest: ServeREST, app: str) -> RolloutState:
     state = rollout_state(rest, app).rollback()
     update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}})
     return state
+
+
+def flush_caches(rest: ServeREST, app: str, tenant: str | None) -> str:
+    """Ask every ingress replica of ``app`` to forget ``tenant``'s cached answers (all tenants' when ``None``).
+
+    A fresh token under ``cache_flush`` in the ingress's ``user_config``: Serve applies it to each replica in
+    place (:func:`aifactory.serve.cache.flush_requests`). Returns the token."""
+    import uuid
+
+    app_d = (rest.details().get("applications") or {}).get(app)
+    if not app_d:
+        raise NotFound("Serve application", app)
+    uc = ((app_d.get("deployments") or {}).get("Ingress", {}).get("deployment_config") or {}).get("user_config") or {}
+    token = uuid.uuid4().hex[:12]
+    update_deployments(rest, app, {"Ingress": {"cache_flush": {**(uc.get("cache_flush") or {}), tenant or "*": token}}})
+    return token
 
 
 def _check_loaded(rest: ServeREST, app: str, deployment: str, version: str, *, wait_s: float = 60.0) -> None:
