@@ -62,7 +62,9 @@ def rest(ray_driver):
 @pytest.fixture(scope="module")
 def completions(serve_port, registry_versions, rest, ray_driver):
     from aifactory.serve import deploy
-    from aifactory.serve.config import AdmissionConfig, AutoscalingSpec, CompletionsArgs, RateLimit, SLOClassConfig
+    from aifactory.serve.config import (
+        AdmissionConfig, AutoscalingSpec, CacheConfig, CompletionsArgs, Limits, RateLimit, SLOClassConfig,
+    )
 
     reg, versions = registry_versions
     fixed = AutoscalingSpec(min_replicas=1, max_replicas=1, slo_aware=False)
@@ -74,6 +76,8 @@ def completions(serve_port, registry_versions, rest, ray_driver):
         canary=SLOClassConfig(num_cpus=0.25, autoscaling=fixed),
         admission=AdmissionConfig(tenant_rate_limits={"limited": RateLimit(rps=0.5, burst=2)}),
         api_keys={"sk-alpha": "alpha"},
+        cache=CacheConfig(semantic_enabled=True),
+        limits=Limits(max_prompt_tokens=120, max_tokens=128),  # long enough answers to see streaming
     )
     t0 = time.monotonic()
     deploy.deploy(rest, deploy.completions_entry(args), http_port=serve_port, wait_s=240)
@@ -136,6 +140,115 @@ def test_openai_client_completions_and_models(completions, registry_versions):
     stream = client.completions.create(model=MODEL, prompt="import ", max_tokens=5, temperature=0, stream=True)
     text = "".join(c.choices[0].text for c in stream)
     assert text == client.completions.create(model=MODEL, prompt="import ", max_tokens=5, temperature=0).choices[0].text
+
+
+def _sse_events(url: str, body: dict, headers: dict) -> tuple[list[tuple[float, dict]], float]:
+    """(arrival time, event) of each SSE event as it arrives, and the total time; ``[DONE]`` as ``{}``."""
+    import json
+
+    events = []
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append((time.monotonic() - t0, {} if data == "[DONE]" else json.loads(data)))
+    return events, time.monotonic() - t0
+
+
+def test_streaming_sends_each_token_as_it_is_decoded(completions):
+    """The first chunk arrives long before the last; the chunks add up to the non-streamed answer."""
+    body = {"model": MODEL, "prompt": "class Stream:", "max_tokens": 128, "temperature": 0}
+    whole = httpx.post(f"{completions}/v1/completions", json=body, headers={"X-Tenant": "stream-a"}, timeout=60)
+    assert whole.status_code == 200, whole.text
+    ref = whole.json()
+    # Another tenant: its own (empty) caches, so this answer is generated, not replayed from stream-a's entry.
+    events, total_s = _sse_events(completions, body | {"stream": True}, {"X-Tenant": "stream-b"})
+    assert events[-1][1] == {}, "the stream must end with data: [DONE]"
+    chunks = [e for _, e in events[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == ref["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["choices"][0]["finish_reason"] == ref["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == ref["usage"]
+    n = ref["usage"]["completion_tokens"]
+    assert n >= 64, ref  # random weights: this prompt decodes a long answer (no early EOS)
+    assert len(chunks) >= n // 2  # incremental: about one chunk per token, not one blob
+    first_s, last_s = events[0][0], events[-2][0]
+    print(f"stream: {len(chunks)} chunks, first after {first_s * 1000:.0f} ms, last after {last_s * 1000:.0f} ms")
+    assert first_s < 0.5 * last_s, (first_s, last_s)
+
+
+def test_streaming_with_the_openai_client_and_errors_before_the_first_chunk(completions):
+    from aifactory.serve.usage import tenant_usage
+
+    prompt = "def fib(n):"
+    plain = _openai(completions, default_headers={"X-Tenant": "stream-c"}).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+    client = _openai(completions, default_headers={"X-Tenant": "stream-d"})
+    parts = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == plain.choices[0].text
+    assert len(parts) > 5
+    bad = httpx.post(f"{completions}/v1/completions", timeout=30, headers={"X-Tenant": "stream-d"},
+                     json={"model": MODEL, "prompt": "x", "max_tokens": 10_000, "stream": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        row = tenant_usage("completions").get("stream-d", {})
+        if row.get("requests", 0) >= 2:
+            break
+        time.sleep(0.5)
+    # A streamed request is counted like a non-streamed one: requests, tokens, errors.
+    assert row["requests"] == 2 and row["errors"] == 1
+    assert row["completion_tokens"] == plain.usage.completion_tokens
+    assert row["prompt_tokens"] == len(prompt)
+
+
+def test_semantic_cache_paraphrase_hits_per_tenant_and_per_version(completions, rest, registry_versions):
+    from aifactory.serve import deploy
+    from aifactory.serve.usage import tenant_usage
+
+    reg, versions = registry_versions
+
+    def ask(prompt: str, tenant: str, model: str = MODEL) -> dict:
+        r = httpx.post(f"{completions}/v1/completions", headers={"X-Tenant": tenant}, timeout=60,
+                       json={"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def ratio() -> float:
+        return httpx.get(f"{completions}/v1/status", timeout=30).json()["semantic_cache"]["hit_ratio"]
+
+    first = ask("How do I sort a list in Python?", "sem-a")
+    assert not first["system_fingerprint"].endswith("-cache")
+    before = ratio()
+    para = ask("How can I sort a Python list?", "sem-a")  # MiniLM cosine ~0.98 >= the 0.95 threshold
+    assert para["system_fingerprint"].endswith("+semantic-cache")
+    assert para["choices"] == first["choices"]
+    assert ratio() > before
+    other = ask("What is the capital of France?", "sem-a")  # cosine ~0.1: a miss
+    assert not other["system_fingerprint"].endswith("-cache")
+    assert not ask("How can I sort a Python list?", "sem-b")["system_fingerprint"].endswith("-cache")
+    # A new model version never answers from the old version's entry, even for the same tenant.
+    state = deploy.rollout_state(rest, "completions")
+    new = next(v.version for v in versions[:2] if v.version != state.stable_version)
+    deploy.canary(rest, "completions", model_name=MODEL, version=new, percent=0, registry=reg)
+    try:
+        again = ask("How can I sort a Python list?", "sem-a", model=f"{MODEL}:{new}")
+        assert again["system_fingerprint"] == f"{MODEL}:{new}"
+    finally:
+        deploy.rollback(rest, "completions")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        row = tenant_usage("completions").get("sem-a", {})
+        if row.get("cache_semantic_lookups", 0) >= 4:
+            break
+        time.sleep(0.5)
+    assert row["cache_semantic_lookups"] == 4 and row["cache_semantic_hits"] == 1  # the exported hit counters
+    sem_b = tenant_usage("completions")["sem-b"]
+    assert sem_b["cache_semantic_lookups"] == 1 and sem_b.get("cache_semantic_hits", 0) == 0
 
 
 def test_prefix_cache_reuses_a_shared_system_prompt(completions):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from aifactory.data.tokenizer import EOS
@@ -86,6 +86,15 @@ class GenResult:
     timings: dict = field(default_factory=dict)
 
 
+@dataclass
+class GenDelta:
+    """What one decode step added to one request: its new token ids and, on its last step, the result."""
+
+    tokens: list[int]
+    finish_reason: str | None = None
+    result: GenResult | None = None
+
+
 def group_by_length(items: Sequence[GenItem]) -> list[list[int]]:
     """Indices of ``items`` grouped by prompt length (rows of a group decode together)."""
     groups: dict[int, list[int]] = {}
@@ -102,14 +111,27 @@ class Decoder:
         self.prefix_cache = prefix_cache
 
     def generate(self, items: Sequence[GenItem]) -> list[GenResult]:
+        out: list[GenResult | None] = [None] * len(items)
+        for deltas in self.stream(items):
+            for i, d in enumerate(deltas):
+                if d is not None and d.result is not None:
+                    out[i] = d.result
+        return out  # type: ignore[return-value]
+
+    def stream(self, items: Sequence[GenItem]) -> Iterator[list[GenDelta | None]]:
+        """One list per decode step, aligned with ``items``: a row's new token (``None`` while another
+        length group decodes or after the row finished); a row's last delta carries its :class:`GenResult`.
+
+        The non-streamed :meth:`generate` consumes this too, so both paths decode identically."""
         import torch
 
-        out: list[GenResult | None] = [None] * len(items)
         with torch.inference_mode():
             for group in group_by_length(items):
-                for i, res in zip(group, self._generate_group([items[i] for i in group])):
-                    out[i] = res
-        return out  # type: ignore[return-value]
+                for step in self._group_steps([items[i] for i in group]):
+                    row: list[GenDelta | None] = [None] * len(items)
+                    for i, d in zip(group, step):
+                        row[i] = d
+                    yield row
 
     def _prefill_row(self, tokens: list[int], cache, row: int, tenant: str) -> tuple[object, int]:
         """Fill ``cache[row]`` with the prompt's KV state; return the last position's logits and the hit size."""
@@ -140,7 +162,8 @@ class Decoder:
             cache.values[layer][row, :, :n] = single.values[layer][0]
         return logits[0], start
 
-    def _generate_group(self, items: list[GenItem]) -> list[GenResult]:
+    def _group_steps(self, items: list[GenItem]) -> Iterator[list[GenDelta | None]]:
+        """Decode one group of equal-length prompts in lockstep, yielding each step's deltas."""
         import torch
 
         model = self.loaded.model
@@ -159,6 +182,8 @@ class Decoder:
         finish = ["length"] * b
         pos = n
         while True:
+            was_done = list(done)
+            new: list[list[int]] = [[] for _ in items]
             nxt = torch.empty(b, dtype=torch.long)
             for r, it in enumerate(items):
                 if it.temperature <= 0:
@@ -172,15 +197,24 @@ class Decoder:
                         done[r], finish[r] = True, "stop"
                     else:
                         generated[r].append(tok)
+                        new[r].append(tok)
                         if len(generated[r]) >= it.max_tokens:
                             done[r] = True
-            if all(done) or pos >= total:
+            ending = all(done) or pos >= total
+            step: list[GenDelta | None] = []
+            for r in range(b):
+                if was_done[r]:
+                    step.append(None)
+                elif done[r] or ending:
+                    timing = {"prefill_s": t_prefill, "decode_s": time.monotonic() - t0 - t_prefill,
+                              "batch_rows": b}
+                    result = GenResult(generated[r], finish[r], prefix_hit_tokens=rows[r][1],
+                                       version=self.loaded.version, timings=timing)
+                    step.append(GenDelta(new[r], finish[r], result))
+                else:
+                    step.append(GenDelta(new[r]))
+            yield step
+            if ending:
                 break
             logits = model(nxt[:, None], kv_cache=cache, start_pos=pos)[:, -1]
             pos += 1
-        timing = {"prefill_s": t_prefill, "decode_s": time.monotonic() - t0 - t_prefill, "batch_rows": b}
-        return [
-            GenResult(generated[r], finish[r], prefix_hit_tokens=rows[r][1], version=self.loaded.version,
-                      timings=timing)
-            for r in range(b)
-        ]

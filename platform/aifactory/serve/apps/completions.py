@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,7 @@ from aifactory.config import parse_config
 from aifactory.exceptions import FactoryError
 from aifactory.serve.cache import ExactCache, PrefixCache, SemanticCache, flush_requests
 from aifactory.serve.config import CompletionsArgs
-from aifactory.serve.engine import Decoder, GenItem, GenResult, LoadedModel, load_version
+from aifactory.serve.engine import Decoder, GenDelta, GenItem, GenResult, LoadedModel, load_version
 from aifactory.serve.http import error_response, install_error_handlers
 from aifactory.serve.metrics import LatencyWindow, UsageRecorder
 from aifactory.serve.ratelimit import TenantRateLimiter
@@ -40,6 +41,7 @@ from aifactory.serve.schemas import (
     APIError, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
     check_completion_limits, parse_body,
 )
+from aifactory.serve.streaming import DONE, TextStream, sse_chunk, sse_error
 from aifactory.serve.tenants import TenantResolver, resolve_slo_class
 
 logger = logging.getLogger("ray.serve")
@@ -66,7 +68,7 @@ def _apply_stop(text: str, stops: list[str], finish: str) -> tuple[str, str]:
 
 
 async def _sse(resp: CompletionResponse):
-    """Server-sent events in OpenAI's format; the whole answer is ready, so chunks are per character."""
+    """A cached answer as server-sent events in OpenAI's format (it is ready, so chunks are per character)."""
     text = resp.choices[0].text
     for i, ch in enumerate(text):
         chunk = resp.model_dump() | {"choices": [{"text": ch, "index": 0, "logprobs": None, "finish_reason": None}]}
@@ -127,21 +129,64 @@ class ModelServer:
                 self.decoder = Decoder(loaded, prefix_cache=self.prefix_cache)
                 logger.info("swapped to %s (sha256 %s)", loaded.ref, loaded.sha256[:12])
         if "max_batch_size" in user_config:
-            self.generate.set_max_batch_size(int(user_config["max_batch_size"]))
+            self._steps.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
-            self.generate.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self._steps.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def generate(self, items: list[GenItem]) -> list[GenResult]:
+    async def _steps(self, items: list[GenItem]):
+        """The batched decode: yields, per step, each request's :class:`GenDelta` (``None``: nothing new yet).
+
+        Streamed and non-streamed requests share this batch queue, window and engine. The decode runs in
+        one worker thread (torch's inference mode is per thread) and hands each step to the event loop."""
         t0 = time.monotonic()
         decoder = self.decoder  # a swap during this call affects only the next batch
-        results = await asyncio.to_thread(decoder.generate, items)
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+
+        def run() -> None:
+            try:
+                for deltas in decoder.stream(items):
+                    loop.call_soon_threadsafe(steps.put_nowait, deltas)
+            except BaseException as err:  # re-raised in the loop, so every caller of the batch sees it
+                loop.call_soon_threadsafe(steps.put_nowait, err)
+            else:
+                loop.call_soon_threadsafe(steps.put_nowait, None)
+
+        worker = asyncio.create_task(asyncio.to_thread(run))
+        finished = [False] * len(items)
+        results: list[GenResult | None] = [None] * len(items)
+        while (deltas := await steps.get()) is not None:
+            if isinstance(deltas, BaseException):
+                raise deltas
+            out = []
+            for i, d in enumerate(deltas):
+                if finished[i]:
+                    out.append(StopIteration)  # serve.batch's sentinel: this caller's stream is over
+                    continue
+                out.append(d)
+                if d is not None and d.result is not None:
+                    finished[i], results[i] = True, d.result
+            yield out
+        await worker
         self.latency.observe(time.monotonic() - t0)
         if self.prefix_cache is not None:
             self.usage.start()
             for item, res in zip(items, results):
-                self.usage.cache(item.tenant, "prefix", res.prefix_hit_tokens > 0)
-        return results
+                if res is not None:
+                    self.usage.cache(item.tenant, "prefix", res.prefix_hit_tokens > 0)
+
+    async def stream(self, item: GenItem):
+        """One request's deltas as they are decoded (``handle.options(stream=True).stream.remote``)."""
+        async for delta in self._steps(item):
+            if delta is not None:
+                yield delta
+
+    async def generate(self, item: GenItem) -> GenResult:
+        async for delta in self._steps(item):
+            if delta is not None and delta.result is not None:
+                return delta.result
+        raise RuntimeError("the decoder ended without a result")  # the engine always finishes each row
 
     def info(self) -> dict[str, Any]:
         return {"version": self.loaded.version, "sha256": self.loaded.sha256, "last_error": self.last_error,
@@ -241,6 +286,7 @@ class Ingress:
         t0 = time.monotonic()
         tenant = "unattributed"
         status = 200
+        streaming = False
         try:
             tenant = self.tenants(request.headers)
             retry = self.limiter.check(tenant)
@@ -250,15 +296,20 @@ class Ingress:
                                headers={"Retry-After": str(int(retry))})
             slo = resolve_slo_class(request.headers, request.url.path, self.args.default_slo_class)
             req = parse_body(CompletionRequest, await request.body())
-            resp = await self._complete(req, tenant=tenant, slo=slo)
             if req.stream:
-                return StreamingResponse(_sse(resp), media_type="text/event-stream")
+                # Errors up to the first chunk are still plain 4xx/5xx JSON; the stream counts the request
+                # (status, time to its last chunk) when it ends.
+                body = await self._stream(req, tenant=tenant, slo=slo, t0=t0)
+                streaming = True
+                return StreamingResponse(body, media_type="text/event-stream")
+            resp = await self._complete(req, tenant=tenant, slo=slo)
             return JSONResponse(resp.model_dump())
         except APIError as err:
             status = err.status
             return error_response(err)
         finally:
-            self.usage.request(tenant, status, time.monotonic() - t0)
+            if not streaming:
+                self.usage.request(tenant, status, time.monotonic() - t0)
 
     def _target(self, req: CompletionRequest) -> tuple[str, str]:
         """(deployment, version) for this request: pinned by ``model=name:version`` or by the canary split."""
@@ -278,7 +329,8 @@ class Ingress:
             return "canary", r.canary_version or r.stable_version
         return "stable", r.stable_version
 
-    async def _complete(self, req: CompletionRequest, *, tenant: str, slo: str) -> CompletionResponse:
+    async def _prepare(self, req: CompletionRequest, *, tenant: str, slo: str) -> dict[str, Any]:
+        """Validate, pick the target and look in the caches: ``hit`` is a cached answer or None."""
         prompt = req.prompt_text()
         tokens = self.tokenizer.encode(prompt)
         limits = self.args.limits
@@ -287,51 +339,114 @@ class Ingress:
         target, version = self._target(req)
         fields = {"prompt": prompt, "max_tokens": req.max_tokens, "temperature": req.temperature,
                   "seed": req.seed, "stop": req.stop_list()}
-        cacheable = req.deterministic
-        key = ExactCache.key(tenant, version, **fields) if cacheable and self.exact is not None else None
+        p = {"tokens": tokens, "fields": fields, "cacheable": req.deterministic, "emb": None, "hit": None}
+        key = ExactCache.key(tenant, version, **fields) if p["cacheable"] and self.exact is not None else None
         if key is not None:
             hit = self.exact.get(key)
             self.usage.cache(tenant, "exact", hit is not None)
             if hit is not None:
-                return _cached(hit, "exact")
-        emb = None
-        if cacheable and self.semantic is not None:
-            emb = (await asyncio.to_thread(self.embedder.encode, [prompt], normalize_embeddings=True))[0]
+                return p | {"hit": _cached(hit, "exact")}
+        if p["cacheable"] and self.semantic is not None:
+            p["emb"] = emb = (await asyncio.to_thread(self.embedder.encode, [prompt], normalize_embeddings=True))[0]
             scope_fields = {k: v for k, v in fields.items() if k != "prompt"}
             found = self.semantic.get(SemanticCache.scope(tenant, version, **scope_fields), emb)
             self.usage.cache(tenant, "semantic", found is not None)
             if found is not None:
-                return _cached(found[0], "semantic")
-        handle = self.handles[CANARY if target == "canary" else TARGETS[slo]]
-        item = GenItem(tokens=tokens, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
-                       tenant=tenant)
-        result = await self._call(handle, item, slo)
-        text, finish = _apply_stop(self.tokenizer.decode(result.tokens), req.stop_list(), result.finish_reason)
-        resp = CompletionResponse(
+                return p | {"hit": _cached(found[0], "semantic")}
+        p["handle"] = self.handles[CANARY if target == "canary" else TARGETS[slo]]
+        p["item"] = GenItem(tokens=tokens, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
+                            tenant=tenant)
+        return p
+
+    def _finish(self, req: CompletionRequest, p: dict[str, Any], result: GenResult, *, tenant: str,
+                text: str, finish: str, head: dict[str, Any] | None = None) -> CompletionResponse:
+        """The answer of a generated request: counts its tokens for the tenant and fills the caches."""
+        tokens = p["tokens"]
+        resp = CompletionResponse(**(head or {}) | dict(  # a stream's answer keeps the id its chunks carried
             model=req.model,
             choices=[CompletionChoice(text=text, finish_reason=finish)],
             usage=Usage(prompt_tokens=len(tokens), completion_tokens=len(result.tokens),
                         total_tokens=len(tokens) + len(result.tokens)),
             system_fingerprint=f"{self.args.model_name}:{result.version}",
-        )
+        ))
         self.usage.tokens(tenant, prompt=len(tokens), completion=len(result.tokens))
-        if cacheable:
+        if p["cacheable"]:
             # Stored under the version that actually answered (it may lag the rollout during a swap).
+            fields = p["fields"]
             if self.exact is not None:
                 self.exact.put(ExactCache.key(tenant, result.version, **fields), resp.model_dump())
-            if self.semantic is not None and emb is not None:
+            if self.semantic is not None and p["emb"] is not None:
                 scope_fields = {k: v for k, v in fields.items() if k != "prompt"}
-                self.semantic.put(SemanticCache.scope(tenant, result.version, **scope_fields), emb, resp.model_dump())
+                self.semantic.put(SemanticCache.scope(tenant, result.version, **scope_fields), p["emb"],
+                                  resp.model_dump())
         return resp
 
-    async def _call(self, handle: DeploymentHandle, item: GenItem, slo: str) -> GenResult:
+    async def _complete(self, req: CompletionRequest, *, tenant: str, slo: str) -> CompletionResponse:
+        p = await self._prepare(req, tenant=tenant, slo=slo)
+        if p["hit"] is not None:
+            return p["hit"]
+        result = await self._call(p["handle"], p["item"], slo)
+        text, finish = _apply_stop(self.tokenizer.decode(result.tokens), req.stop_list(), result.finish_reason)
+        return self._finish(req, p, result, tenant=tenant, text=text, finish=finish)
+
+    async def _stream(self, req: CompletionRequest, *, tenant: str, slo: str, t0: float):
+        """Open the token stream and wait for its first step, so errors before it are still JSON; then
+        return the SSE body, which sends each step's text as soon as the engine decodes it."""
+        p = await self._prepare(req, tenant=tenant, slo=slo)
+        timeout = self.args.admission.request_timeout_s
+        if p["hit"] is not None:
+            stream, first = None, None
+        else:
+            stream, first = await self._call(p["handle"], p["item"], slo, stream=True)
+        return self._sse_body(req, p, stream, first, tenant=tenant, t0=t0, timeout=timeout)
+
+    async def _sse_body(self, req: CompletionRequest, p: dict[str, Any], stream, first: GenDelta | None, *,
+                        tenant: str, t0: float, timeout: float):
+        status = 200
+        try:
+            if p["hit"] is not None:
+                async for chunk in _sse(p["hit"]):
+                    yield chunk
+                return
+            head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                    "created": int(time.time()), "model": req.model}
+            text = TextStream(req.stop_list())
+            delta = first
+            while True:
+                piece = text.feed(delta.tokens, final=delta.result is not None)
+                if piece:
+                    yield sse_chunk(head, piece)
+                if delta.result is not None:
+                    break
+                delta = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
+            result = delta.result
+            finish = "stop" if text.stopped else result.finish_reason
+            resp = self._finish(req, p, result, tenant=tenant, text=text.answer, finish=finish, head=head)
+            yield sse_chunk(head | {"system_fingerprint": resp.system_fingerprint}, "", finish,
+                            usage=resp.usage.model_dump())
+            yield DONE
+        except asyncio.TimeoutError:
+            status = 504
+            yield sse_error(f"the model did not answer within request_timeout_s={timeout:g}s", "timeout")
+        except Exception as err:  # the status line went out already: report in the stream, then end it
+            status = 500
+            logger.exception("stream failed after its first chunk")
+            yield sse_error(f"internal error: {type(err).__name__}", "internal_error")
+        finally:
+            self.usage.request(tenant, status, time.monotonic() - t0)
+
+    async def _call(self, handle: DeploymentHandle, item: GenItem, slo: str, *, stream: bool = False):
+        """The model's answer (a GenResult), or with ``stream`` the open delta stream and its first delta."""
         from ray.serve.exceptions import BackPressureError
 
         cls = self.args.interactive if slo == "interactive" else self.args.batch
         timeout = self.args.admission.request_timeout_s
         for attempt in range(3):
             try:
-                return await asyncio.wait_for(_awaitable(handle.generate.remote(item)), timeout=timeout)
+                if not stream:
+                    return await asyncio.wait_for(_awaitable(handle.generate.remote(item)), timeout=timeout)
+                gen = handle.options(stream=True).stream.remote(item)
+                return gen, await asyncio.wait_for(gen.__anext__(), timeout=timeout)
             except BackPressureError:
                 raise APIError(429, f"the {slo} queue is full; retry later", param=None, code="queue_full",
                                type_="rate_limit_error",
@@ -340,7 +455,8 @@ class Ingress:
                 raise APIError(504, f"the model did not answer within request_timeout_s={timeout:g}s",
                                code="timeout", type_="timeout_error") from None
             except Exception as err:
-                # A replica that died mid-request (killed, OOM): generation is idempotent, so retry on another.
+                # A replica that died before answering (killed, OOM): generation is idempotent, so retry on
+                # another. A stream is retried only here, before its first chunk went out.
                 if type(err).__name__ in _REPLICA_GONE and attempt < 2:
                     logger.warning("replica gone (%s); retrying", type(err).__name__)
                     await asyncio.sleep(0.2 * (attempt + 1))
