@@ -124,3 +124,90 @@ def test_cli_bench_run_tags_the_driver_job_with_the_tenant(ray_driver, tmp_path)
     jobs = [j for j in list_jobs(address=ray_driver.dashboard_url, detail=True)
             if (j.metadata or {}).get("bench_spec") == "tiny"]
     assert jobs and all(j.metadata["tenant"] == "acme" and j.metadata["workload"] == "bench" for j in jobs)
+
+
+# ---- the kinds on the factory's own components: the real completions app and the real GPT trainer --------
+
+BENCH_MODEL = "bench-itest-gpt"
+
+
+@pytest.fixture(scope="module")
+def bench_artifacts(ray_driver, tmp_path_factory):
+    """A registered GPT version (random weights: serving measures the app, not the model's quality) and a dataset
+    version ingested from the stdlib's json package (as test_train does), both in the session's factory home."""
+    import os
+    import sysconfig
+
+    import torch
+
+    from aifactory.data.ingest import IngestConfig, ingest, local_writer
+    from aifactory.home import FactoryHome
+    from aifactory.models.gpt import GPT, GPTConfig
+    from aifactory.registry import ModelRegistry
+    from aifactory.tenancy import TenantRef
+
+    home = FactoryHome.from_env(ray_driver.home).ensure()
+    cfg = GPTConfig(seq_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bench-weights") / "w.pt"
+    torch.save(GPT(cfg).state_dict(), path)
+    mv = ModelRegistry(home).register(BENCH_MODEL, weights_path=str(path), model_config=cfg.model_dump(),
+                                      manifest={"seed": 0, "tenant": "bench-team"})
+    src = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+    ds = ingest(home, IngestConfig(source=src, seq_len=65, target_shard_mb=0.02, validation_fraction=0.2),
+                tenant=TenantRef(tenant="bench-team"), writer=local_writer)
+    return home, mv, ds.version
+
+
+def test_serve_completions_sweep_drives_the_real_app(bench_artifacts, serve_http_port):
+    from aifactory.bench.runner import run_sweep
+    from aifactory.bench.spec import find_spec
+
+    home, mv, _ = bench_artifacts
+    spec = find_spec("serve-completions", overrides={
+        "serving.max_batch_size": [4], "load.num_requests": 16, "load.concurrency": 4, "load.warmup_requests": 4,
+        "completions.model_name": BENCH_MODEL, "completions.max_tokens": 8})
+    t0 = time.monotonic()
+    outcome = run_sweep(spec, home=home)
+    trials = outcome.trials
+    assert len(trials) == 3 and all(t.status == "ok" for t in trials), [t.error for t in trials]
+    for t in trials:
+        m = t.metrics
+        assert m["num_ok"] == 16 and m["num_errors"] == 0, m["status_counts"]
+        assert m["model_version"] == mv.ref
+        # every answer generated tokens, at most max_tokens each, counted from the answers' usage
+        assert 16 <= m["completion_tokens"] <= 16 * 8 and m["prompt_tokens"] > 0
+        assert m["tokens_per_s"] > 0 and 0 < m["p50_ms"] <= m["p99_ms"]
+        assert m["cost_per_1k_requests_usd"] > 0 and m["cost_per_1m_tokens_usd"] > 0
+    assert [t.metrics["deploy_s"] > 0 for t in trials] == [True, False, False]  # deployed once, reused
+    assert outcome.run.context["model_version"] == mv.ref  # the version measured, resolved on the driver
+    print(f"serve-completions sweep: {time.monotonic() - t0:.1f}s")
+
+
+def test_train_gpt_sweep_runs_the_real_trainer_to_a_target(bench_artifacts):
+    from aifactory.bench.runner import run_sweep
+    from aifactory.bench.spec import find_spec
+    from aifactory.registry import ModelRegistry
+
+    home, _, ds_version = bench_artifacts
+    before = {m.ref for m in ModelRegistry(home).list()}
+    # A loose target (a fresh byte-level model starts near ln 256 = 5.5) so every repeat reaches it in 8 steps;
+    # the three repeats run at once to keep the test short (their timings contend; the test checks the machinery).
+    spec = find_spec("train-gpt", overrides={
+        "training.precision": ["bf16"], "training.batch_size": [8], "max_concurrent_trials": 3,
+        "train.target_val_loss": 6.0, "train.max_steps": 8, "train.eval_every_steps": 4,
+        "gpt.dataset_version": ds_version, "gpt.validation_batches": 2})
+    t0 = time.monotonic()
+    outcome = run_sweep(spec, home=home)
+    trials = outcome.trials
+    assert len(trials) == 3 and all(t.status == "ok" for t in trials), [t.error for t in trials]
+    for t in trials:
+        m = t.metrics
+        assert m["reached_target"] and m["steps_to_quality"] == 4 and m["val_loss_at_quality"] < 6.0
+        assert 0 < m["time_to_quality_s"] < m["train_wall_s"] and m["steps"] == 8
+        assert m["dataset_version"] == ds_version and m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0
+        assert m["num_validated_checkpoints"] >= 1 and m["cost_per_validated_checkpoint_usd"] > 0
+    assert len({t.metrics["train_run_id"] for t in trials}) == 3
+    assert outcome.run.context["dataset_version"] == ds_version
+    assert {m.ref for m in ModelRegistry(home).list()} == before  # a benchmark registers no model versions
+    print(f"train-gpt sweep: {time.monotonic() - t0:.1f}s")

@@ -20,11 +20,12 @@ class Metric:
     name: str
     direction: Direction
     unit: str
-    family: str  # "serving" | "training"
+    family: str  # "serving" | "training" | "any"
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("throughput_rps", "higher", "req/s", "serving"),
+    Metric("tokens_per_s", "higher", "tokens/s", "any"),  # generated (serving) or trained (training) tokens
     Metric("p50_ms", "lower", "ms", "serving"),
     Metric("p95_ms", "lower", "ms", "serving"),
     Metric("p99_ms", "lower", "ms", "serving"),
@@ -32,8 +33,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("cost_per_1k_requests_usd", "lower", "USD", "serving"),
     Metric("requests_per_usd", "higher", "req/USD", "serving"),
     Metric("requests_per_joule", "higher", "req/J", "serving"),
+    Metric("cost_per_1m_tokens_usd", "lower", "USD", "serving"),
     Metric("time_to_quality_s", "lower", "s", "training"),
     Metric("samples_per_s", "higher", "samples/s", "training"),
+    Metric("peak_memory_bytes", "lower", "B", "training"),
     Metric("final_val_loss", "lower", "", "training"),
     Metric("cost_per_validated_checkpoint_usd", "lower", "USD", "training"),
     Metric("samples_per_usd", "higher", "samples/USD", "training"),
@@ -42,7 +45,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 
 
 def metrics_of(family: str) -> list[Metric]:
-    return [m for m in METRICS.values() if m.family == family]
+    return [m for m in METRICS.values() if m.family in (family, "any")]
 
 
 @dataclass

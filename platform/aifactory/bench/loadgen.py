@@ -42,7 +42,8 @@ class LoadResult:
 
 
 async def _drive(url: str, make_body: Callable[[int], Any], *, num_requests: int, concurrency: int,
-                 timeout_s: float) -> LoadResult:
+                 timeout_s: float, headers: dict[str, str] | None,
+                 on_ok: Callable[[Any], None] | None) -> LoadResult:
     import httpx
 
     result = LoadResult()
@@ -56,7 +57,7 @@ async def _drive(url: str, make_body: Callable[[int], Any], *, num_requests: int
             next_i += 1
             t0 = time.perf_counter()
             try:
-                resp = await http.post(url, json=make_body(i))
+                resp = await http.post(url, json=make_body(i), headers=headers)
                 key = str(resp.status_code)
                 ok = 200 <= resp.status_code < 300
             except httpx.HTTPError as err:
@@ -65,6 +66,8 @@ async def _drive(url: str, make_body: Callable[[int], Any], *, num_requests: int
             if ok:
                 result.num_ok += 1
                 result.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
+                if on_ok is not None:  # after the clock stopped: reading the answer is not part of its latency
+                    on_ok(resp)
             else:
                 result.num_errors += 1
 
@@ -76,9 +79,12 @@ async def _drive(url: str, make_body: Callable[[int], Any], *, num_requests: int
 
 
 def drive_load(url: str, make_body: Callable[[int], Any], *, num_requests: int, concurrency: int,
-               timeout_s: float = 30.0) -> LoadResult:
-    """Send ``num_requests`` POSTs of ``make_body(i)`` to ``url`` with ``concurrency`` in flight."""
+               timeout_s: float = 30.0, headers: dict[str, str] | None = None,
+               on_ok: Callable[[Any], None] | None = None) -> LoadResult:
+    """Send ``num_requests`` POSTs of ``make_body(i)`` to ``url`` with ``concurrency`` in flight;
+    ``on_ok(response)`` sees each successful answer (e.g. to count the tokens it reports)."""
     if not url.startswith(("http://127.0.0.1", "http://localhost")):
         # Benchmarks load the local cluster only; never point a load generator at someone else's host.
         raise ValueError(f"load target must be on 127.0.0.1, got {url}")
-    return asyncio.run(_drive(url, make_body, num_requests=num_requests, concurrency=concurrency, timeout_s=timeout_s))
+    return asyncio.run(_drive(url, make_body, num_requests=num_requests, concurrency=concurrency, timeout_s=timeout_s,
+                              headers=headers, on_ok=on_ok))

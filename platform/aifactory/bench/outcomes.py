@@ -5,7 +5,8 @@ Pure (no Ray, no I/O): a trial's metrics record resource-seconds (``replica_cpu_
 useful outcome:
 
 - serving: ``cost_per_1k_requests_usd`` (replica resource-seconds over successful requests; the load
-  generator is not part of the service), ``requests_per_usd``;
+  generator is not part of the service), ``requests_per_usd``, and for token-generating apps
+  ``cost_per_1m_tokens_usd`` (over the generated tokens the answers reported);
 - training: ``cost_per_validated_checkpoint_usd`` (the run's resources until the validation-loss target
   was reached; None when it was not, since no validated checkpoint exists), ``samples_per_usd``;
 - both: ``*_per_joule`` from NVML energy where a GPU measured it.
@@ -32,7 +33,7 @@ def price_outcomes(metrics: dict[str, Any], *, family: str, book: PriceBook | No
                    tenant: str, gpu_sku: str | None = None, unavailable_reason: str = "") -> dict[str, Any]:
     """The priced figures of one trial's ``metrics`` (a new dict; ``metrics`` is not changed)."""
     out: dict[str, Any] = {}
-    missing: dict[str, str] = {}
+    missing: dict[str, str] = dict(metrics.get("unavailable") or {})  # what the trial itself could not measure
     energy = metrics.get("energy_j")
     if family == "serving":
         ok = metrics.get("num_ok") or 0
@@ -55,6 +56,12 @@ def price_outcomes(metrics: dict[str, Any], *, family: str, book: PriceBook | No
         out["requests_per_usd"] = ok / cost if cost else None
         if cost is None:
             missing.setdefault("requests_per_usd", missing["cost_per_1k_requests_usd"])
+        generated = metrics.get("completion_tokens")
+        out["cost_per_1m_tokens_usd"] = cost / generated * 1e6 if cost is not None and generated else None
+        if out["cost_per_1m_tokens_usd"] is None:
+            missing["cost_per_1m_tokens_usd"] = (
+                "the app reports no token counts" if generated is None else "no tokens generated" if not generated
+                else missing["cost_per_1k_requests_usd"])
     else:
         samples = metrics.get("samples") or 0
         out["samples_per_joule"] = samples / energy if energy else None

@@ -20,7 +20,7 @@ from typing import Any
 
 from aifactory.bench.context import collect_context
 from aifactory.bench.results import ResultStore, RunRecord, TrialRecord, new_run_id
-from aifactory.bench.spec import SweepSpec, TrialConfig
+from aifactory.bench.spec import SweepSpec, TrialConfig, TrialKind
 from aifactory.bench.trials import APP_PREFIX, TrialEnv, run_trial
 from aifactory.exceptions import ClusterError, ConfigError
 from aifactory.home import FactoryHome
@@ -89,6 +89,8 @@ def _progress_callback(total: int, log: Callable[[str], None]):
             if "throughput_rps" in r:
                 what = (f"{r['throughput_rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
                         f"{r['num_errors']} errors") if r.get("throughput_rps") is not None else "no successful request"
+                if r.get("tokens_per_s") is not None:
+                    what += f", {r['tokens_per_s']:.1f} tokens/s"
             else:
                 ttq = r.get("time_to_quality_s")
                 what = (f"time-to-quality {ttq:.1f}s" if ttq is not None else "target not reached") + \
@@ -132,6 +134,17 @@ def run_sweep(
                            "(`factory bench run`) or after ray.init()")
     if tenant is not None:
         spec = spec.model_copy(update={"tenant": tenant})
+    # The kinds on factory artifacts resolve them once, here: every trial uses the same version, and the
+    # context records the version measured rather than what the caller believed.
+    if spec.kind is TrialKind.SERVE_COMPLETIONS:
+        from aifactory.bench.completions_trial import pin_model
+
+        spec, model_version = pin_model(spec, home)
+    elif spec.kind is TrialKind.TRAIN_GPT:
+        from aifactory.bench.gpt_trial import pin_dataset
+
+        spec = pin_dataset(spec, home)
+        dataset_version = spec.gpt.dataset_version
     trials = spec.trials()
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
     concurrency = plan_concurrency(spec, trials, cluster_cpus)
@@ -141,7 +154,7 @@ def run_sweep(
                               flags={"serve_replica_omp_num_threads": 1} if spec.kind.family == "serving" else None)
     http_port = ensure_serve(log) if spec.kind.family == "serving" else None
     env = TrialEnv(run_id=run_id, tenant=spec.tenant.tenant, http_port=http_port,
-                   storage_path=home.bench.rstrip("/") + "/_train")
+                   storage_path=home.bench.rstrip("/") + "/_train", home_root=str(home.root))
     configs = len({t.config_id for t in trials})
     log(f"bench {run_id}: {configs} configuration(s) x {spec.repeats} repeats = {len(trials)} {spec.kind.value} "
         f"trials, {concurrency} at a time, tenant {spec.tenant}")

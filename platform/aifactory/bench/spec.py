@@ -28,6 +28,11 @@ class TrialKind(str, enum.Enum):
     """A self-contained Serve deployment (a torch MLP behind ``@serve.batch``) under an HTTP load."""
     TRAIN_MLP = "train-mlp"
     """A short Ray Train run of a small torch model to a validation-loss target (time-to-quality)."""
+    SERVE_COMPLETIONS = "serve-completions"
+    """The real completions app (aifactory.serve.apps.completions) on a registry model version, under
+    POST /v1/completions load."""
+    TRAIN_GPT = "train-gpt"
+    """A short aifactory.train run of the real GPT on a data-plane dataset version, to a validation-loss target."""
 
     @property
     def family(self) -> str:
@@ -95,6 +100,43 @@ class MLPModelSpec(StrictModel):
     output_dim: int = Field(default=16, ge=1, le=65536, description="Output features.")
 
 
+COMPLETIONS_INGRESS_CPUS = 0.25
+"""What the completions app's ingress replica reserves (fixed in aifactory.serve.apps.completions.build)."""
+
+
+class CompletionsTrialSpec(StrictModel):
+    """What a ``serve-completions`` trial deploys and asks (the knobs come from the serving grid)."""
+
+    model_name: Name = Field(default="tiny-gpt", description="Registered model name to serve.")
+    model_version: str | None = Field(
+        default=None, description="Registry version (e.g. 'v3'); null = the newest validated (servable) one.")
+    prompts: list[str] = Field(
+        default=["def main():", "import os\n", "class Config:", "for i in range(", "# sum two numbers\n",
+                 "while True:", "return x + ", "if __name__ == "],
+        min_length=1, description="Prompts the load cycles through (request i sends prompts[i % len]).")
+    max_tokens: int = Field(default=16, ge=1, le=4096, description="max_tokens of every request.")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature of every request.")
+    caches: bool = Field(
+        default=False,
+        description="Keep the app's exact and prefix caches on; off (default) so every request reaches the model.")
+    idle_num_cpus: float = Field(
+        default=0.05, gt=0, description="CPUs of each deployment the load does not reach (the other SLO class and "
+                                        "the canary: one idle replica each).")
+
+
+class GPTTrialSpec(StrictModel):
+    """What a ``train-gpt`` trial trains: a recipe's model and optimizer, on a data-plane dataset version."""
+
+    recipe: str = Field(default="tiny", description="Training recipe (jobs/recipes.py) giving the model shape and "
+                                                     "optimizer; the grid's knobs and `train` override the rest.")
+    dataset_version: str | None = Field(
+        default=None, description="Dataset version from the data plane; null = the newest one when the sweep starts.")
+    validation_batches: int = Field(default=4, ge=1, description="Validation batches per worker per evaluation.")
+    register_validated: bool = Field(
+        default=False, description="Register checkpoints that reach the target in the model registry "
+                                   "(off: a benchmark should not add model versions).")
+
+
 class TrainRunSpec(StrictModel):
     """How long a training trial runs and what 'quality' means."""
 
@@ -125,6 +167,9 @@ class SweepSpec(StrictModel):
     training: TrainingGrid | None = Field(default=None, description="Grid of training knobs (training kinds).")
     load: LoadSpec = Field(default_factory=LoadSpec, description="Load of a serving trial.")
     model: MLPModelSpec = Field(default_factory=MLPModelSpec, description="Model of the self-contained kinds.")
+    completions: CompletionsTrialSpec = Field(
+        default_factory=CompletionsTrialSpec, description="Model version and requests of serve-completions.")
+    gpt: GPTTrialSpec = Field(default_factory=GPTTrialSpec, description="Recipe and dataset of train-gpt.")
     train: TrainRunSpec | None = Field(default=None, description="Length and target of a training trial.")
     slo: SLOTarget = Field(default_factory=SLOTarget, description="SLO the report recommends a configuration for.")
     replica_num_cpus: float = Field(default=0.5, gt=0, description="CPUs each Serve replica reserves.")
@@ -151,6 +196,18 @@ class SweepSpec(StrictModel):
                 problems.append(f"train: kind={self.kind.value!r} needs train.target_val_loss")
             if self.serving is not None:
                 problems.append(f"serving: kind={self.kind.value!r} is a training kind; remove the serving grid")
+        # A section of another kind is a mistake (a copied spec), not something to ignore silently.
+        owners = {"model": (TrialKind.SERVE_MLP, TrialKind.TRAIN_MLP), "completions": (TrialKind.SERVE_COMPLETIONS,),
+                  "gpt": (TrialKind.TRAIN_GPT,)}
+        for section, kinds in owners.items():
+            # Compared with the default, not model_fields_set: the spec travels to trials as full JSON.
+            if self.kind not in kinds and getattr(self, section) != type(self).model_fields[section].default_factory():
+                problems.append(f"{section}: only used by kind {' / '.join(k.value for k in kinds)}, "
+                                f"not {self.kind.value!r}; remove it")
+        if (self.kind is TrialKind.TRAIN_GPT and self.train is not None
+                and self.train.max_seconds != TrainRunSpec.model_fields["max_seconds"].default):
+            problems.append("train.max_seconds: train-gpt runs are bounded by train.max_steps (aifactory.train "
+                            "has no wall-time limit); remove max_seconds")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -187,7 +244,10 @@ class SweepSpec(StrictModel):
     def per_trial_cpus(self, knobs: dict[str, Any]) -> float:
         """CPUs one trial holds while it runs: its own process plus replicas or Train workers."""
         if self.kind.family == "serving":
-            return self.trial_num_cpus + knobs["num_replicas"] * self.replica_num_cpus
+            cpus = self.trial_num_cpus + knobs["num_replicas"] * self.replica_num_cpus
+            if self.kind is TrialKind.SERVE_COMPLETIONS:  # the app's ingress and its two idle model deployments
+                cpus += COMPLETIONS_INGRESS_CPUS + 2 * self.completions.idle_num_cpus
+            return cpus
         assert self.train is not None
         return self.trial_num_cpus + knobs["num_workers"] * self.train.cpus_per_worker
 
@@ -212,8 +272,17 @@ def config_id(knobs: ServingKnobs | TrainingKnobs) -> str:
 def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """A spec from a YAML file; every problem is reported at once."""
     spec = load_config(SweepSpec, path, overrides=overrides)
-    spec.configurations()  # validate each combination now, not when the sweep reaches it
+    check_spec(spec)
     return spec
+
+
+def check_spec(spec: SweepSpec) -> None:
+    """Validate each combination now, not when the sweep reaches it (train-gpt: the whole TrainJob of each)."""
+    spec.configurations()
+    if spec.kind is TrialKind.TRAIN_GPT:
+        from aifactory.bench.gpt_trial import check_jobs
+
+        check_jobs(spec)
 
 
 def spec_dirs() -> list[Path]:

@@ -7,12 +7,15 @@ they do not price (pricing happens on the driver from the recorded resource-seco
   once per configuration: the repeats of one configuration are adjacent and reuse it), drive a bounded
   HTTP load at 127.0.0.1, report throughput and p50/p95/p99.
 - ``train-mlp``: see :mod:`aifactory.bench.train_trial`.
+- ``serve-completions``: the real completions app, see :mod:`aifactory.bench.completions_trial`.
+- ``train-gpt``: a real :mod:`aifactory.train` run, see :mod:`aifactory.bench.gpt_trial`.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,7 @@ class TrialEnv:
     tenant: str
     http_port: int | None  # Serve's HTTP port, for serving kinds
     storage_path: str | None = None  # Ray Train storage of training kinds
+    home_root: str | None = None  # the factory home (registry, datasets) of the kinds that use it
 
 
 def app_name(run_id: str, config_id: str) -> str:
@@ -45,6 +49,14 @@ def run_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, A
         from aifactory.bench.train_trial import train_mlp_trial
 
         metrics = train_mlp_trial(spec, trial, env)
+    elif spec.kind is TrialKind.SERVE_COMPLETIONS:
+        from aifactory.bench.completions_trial import serve_completions_trial
+
+        metrics = serve_completions_trial(spec, trial, env)
+    elif spec.kind is TrialKind.TRAIN_GPT:
+        from aifactory.bench.gpt_trial import train_gpt_trial
+
+        metrics = train_gpt_trial(spec, trial, env)
     else:  # pragma: no cover - the enum and this switch change together
         raise NotImplementedError(spec.kind)
     metrics["trial_wall_s"] = time.time() - t0
@@ -52,11 +64,10 @@ def run_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, A
     return metrics
 
 
-def _ensure_app(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> float:
-    """Deploy this configuration unless it already runs; returns the deploy seconds (0 when reused)."""
+def ensure_app(trial: TrialConfig, env: TrialEnv, build: Callable[[], Any]) -> float:
+    """Deploy this configuration's app (``build()``) unless it already runs; returns the deploy seconds (0 when
+    reused)."""
     from ray import serve
-
-    from aifactory.bench.mlp_app import build_app
 
     name = app_name(env.run_id, trial.config_id)
     apps = serve.status().applications
@@ -69,9 +80,7 @@ def _ensure_app(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> float:
         if other.startswith(f"{APP_PREFIX}{env.run_id}-") and other != name:
             serve.delete(other, _blocking=False)
     t0 = time.perf_counter()
-    app = build_app(model=spec.model, knobs=ServingKnobs.model_validate(trial.knobs),
-                    replica_num_cpus=spec.replica_num_cpus, tenant=env.tenant, seed=spec.seed)
-    serve.run(app, name=name, route_prefix=f"/{name}")
+    serve.run(build(), name=name, route_prefix=f"/{name}")
     return time.perf_counter() - t0
 
 
@@ -80,7 +89,13 @@ def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[
 
     if env.http_port is None:
         raise RuntimeError("serving trials need Serve's HTTP port; the runner starts Serve first")
-    deploy_s = _ensure_app(spec, trial, env)
+    def build():
+        from aifactory.bench.mlp_app import build_app
+
+        return build_app(model=spec.model, knobs=ServingKnobs.model_validate(trial.knobs),
+                         replica_num_cpus=spec.replica_num_cpus, tenant=env.tenant, seed=spec.seed)
+
+    deploy_s = ensure_app(trial, env, build)
     url = f"http://127.0.0.1:{env.http_port}/{app_name(env.run_id, trial.config_id)}"
     rng = random.Random(trial.seed)
     pool = [[rng.gauss(0.0, 1.0) for _ in range(spec.model.input_dim)] for _ in range(64)]

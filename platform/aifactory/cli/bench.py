@@ -109,6 +109,9 @@ def _print_summary(report) -> None:
     family_serving = "throughput_rps" in (report.summaries[0].metrics if report.summaries else {})
     keys = (["throughput_rps", "p50_ms", "p99_ms", "cost_per_1k_requests_usd"] if family_serving
             else ["time_to_quality_s", "samples_per_s", "cost_per_validated_checkpoint_usd"])
+    # The kinds that measure tokens (completions, the GPT trainer) show them too.
+    extra = (["tokens_per_s", "cost_per_1m_tokens_usd"] if family_serving else ["tokens_per_s", "peak_memory_bytes"])
+    keys += [k for k in extra if any(s.metrics.get(k) is not None and s.metrics[k].n for s in report.summaries)]
     rows = []
     for s in report.summaries:
         row = {"config": s.config_id, "ok": f"{s.num_ok}/{s.num_ok + s.num_failed}"}
