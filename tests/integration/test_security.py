@@ -258,6 +258,34 @@ def test_tenant_app_answers_only_its_keys_and_its_cache_is_managed_per_tenant(co
     assert len(audit.query(home, action="serve.deploy", target=app)) == 1
 
 
+def test_tenant_cli_goes_through_the_control_api(control, jobs, tmp_path):
+    """A tenant's machine: no cluster token, only AIFACTORY_API_URL/KEY. The real `factory` CLI reaches the
+    cluster through the control API and sees only its own tenant's audit entries, costs and apps."""
+    import os
+
+    from tests.integration.conftest import run_factory
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AIFACTORY_"))}
+    env.update(AIFACTORY_HOME=str(tmp_path / "tenant-home"), AIFACTORY_API_URL=control["url"],
+               AIFACTORY_API_KEY=control["keys"][ALPHA])
+
+    def factory(*args: str, check: bool = True):
+        return run_factory(*args, env=env, check=check, timeout=120)
+
+    entries = json.loads(factory("audit", "--format", "json").stdout)
+    assert entries and {e["tenant"] for e in entries} == {ALPHA}
+    rows = json.loads(factory("costs", "--by", "job", "--format", "json").stdout)
+    assert all(r.get("tenant") == ALPHA for r in rows)
+    apps = json.loads(factory("serve", "status", "--format", "json").stdout)
+    assert all(a["tenant"] == ALPHA for a in apps)
+    for args in (("serve", "cache", f"{BETA}.chat"), ("serve", "promote", "--app", f"{BETA}.chat"),
+                 ("serve", "cache", "--flush", f"{ALPHA}.chat", "--tenant", BETA)):
+        proc = factory(*args, check=False)
+        # 404 alike for another tenant's app and for one that does not exist: one line, no traceback
+        assert proc.returncode != 0 and proc.stderr.lower().startswith("error: no "), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
 def test_fuzz_published_spec_finds_no_5xx_and_no_cross_tenant_read(control, jobs):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings

@@ -76,8 +76,11 @@ def _load(args):
 
 
 def _costs(args) -> int:
+    from aifactory.cli import _remote
     from aifactory.cost.kpis import cost_rows
 
+    if _remote.via_api(args):  # a tenant's setup: the control API prices its own ledger, scoped to the key
+        return _remote.costs(args)
     _home, ledger, book, since = _load(args)
     rows = cost_rows(ledger.usage(since=since, tenant=args.tenant), book, by=args.by)
     emit(rows, args.format)
@@ -106,6 +109,10 @@ def _report(args) -> int:
 
 
 def _budgets(args) -> int:
+    from aifactory.cli import _remote
+
+    if _remote.via_api(args):
+        return _remote.budgets(args)
     from aifactory.cost.budgets import budget_status
 
     emit(budget_status(home_of(args)), args.format)

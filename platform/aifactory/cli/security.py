@@ -99,7 +99,10 @@ def _revoke(args) -> int:
 
 def _audit(args) -> int:
     from aifactory import audit
+    from aifactory.cli import _remote
 
+    if _remote.via_api(args):  # a tenant's setup: the control API shows only the tenant's own entries
+        return _remote.audit(args)
     home = home_of(args)
     if args.verify:
         n = audit.verify(home)  # raises IntegrityError (exit 1, one line) on tampering

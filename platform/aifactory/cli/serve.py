@@ -1,13 +1,16 @@
 """``factory serve deploy|status|shutdown|canary|promote|rollback``: the serving apps on the cluster.
 
 Every change is a declarative update through the dashboard's Serve REST API; canary, promote and rollback
-change only ``user_config``, so replicas are reconfigured in place, never restarted.
+change only ``user_config``, so replicas are reconfigured in place, never restarted. With the control API
+configured (``AIFACTORY_API_URL``/``AIFACTORY_API_KEY``, a tenant's setup) the verbs go through it instead
+(:mod:`aifactory.cli._remote`).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from aifactory.cli import _remote
 from aifactory.cli._common import add_address, add_tenant, home_of, tenant_of
 from aifactory.cli._output import add_format, emit, emit_obj, progress
 
@@ -55,6 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_format(v)
         v.set_defaults(func=fn)
 
+    k = verbs.add_parser("cache", help="an app's cached answers (entries, hit ratio); --flush forgets them")
+    k.add_argument("app", nargs="?", default="completions")
+    k.add_argument("--tenant", help="only this tenant's entries (a tenant's key: always its own)")
+    k.add_argument("--flush", action="store_true", help="forget the cached answers on every ingress replica")
+    add_address(k)
+    add_format(k)
+    k.set_defaults(func=_cache)
+
 
 def _rest(args):
     from aifactory.cluster.connect import auth_headers, ray_env, resolve_address
@@ -84,6 +95,8 @@ def _deploy(args) -> int:
     from aifactory.serve import deploy
     from aifactory.serve.config import CompletionsArgs, EmbeddingsArgs
 
+    if _remote.via_api(args):
+        return _remote.serve_deploy(args)
     home, rest = _rest(args)
     tenant = tenant_of(args)
     if args.app == "completions":
@@ -122,6 +135,8 @@ def _default_model(home) -> str:
 def _status(args) -> int:
     from aifactory.serve import deploy
 
+    if _remote.via_api(args):
+        return _remote.serve_status(args)
     _, rest = _rest(args)
     emit(deploy.status(rest), args.format)
     return 0
@@ -130,6 +145,8 @@ def _status(args) -> int:
 def _shutdown(args) -> int:
     from aifactory.serve import deploy
 
+    if _remote.via_api(args):
+        return _remote.serve_shutdown(args)
     _, rest = _rest(args)
     if args.all:
         rest.delete_all()
@@ -154,6 +171,8 @@ def _canary(args) -> int:
     from aifactory.registry import ModelRegistry
     from aifactory.serve import deploy
 
+    if _remote.via_api(args):
+        return _remote.serve_rollout(args, "canary")
     home, rest = _rest(args)
     state = deploy.canary(rest, args.app, model_name=_model_of(rest, args.app), version=args.version,
                           percent=args.percent, registry=ModelRegistry(home))
@@ -166,6 +185,8 @@ def _promote(args) -> int:
     from aifactory.registry import ModelRegistry
     from aifactory.serve import deploy
 
+    if _remote.via_api(args):
+        return _remote.serve_rollout(args, "promote")
     home, rest = _rest(args)
     state = deploy.promote(rest, args.app, registry=ModelRegistry(home), model_name=_model_of(rest, args.app))
     _audit(home, "serve.promote", args.app, None, {"stable_version": state.stable_version})
@@ -176,10 +197,35 @@ def _promote(args) -> int:
 def _rollback(args) -> int:
     from aifactory.serve import deploy
 
+    if _remote.via_api(args):
+        return _remote.serve_rollout(args, "rollback")
     home, rest = _rest(args)
     state = deploy.rollback(rest, args.app)
     _audit(home, "serve.rollback", args.app, None, {"stable_version": state.stable_version})
     emit_obj(state.model_dump(), args.format)
+    return 0
+
+
+def _cache(args) -> int:
+    """The operator's path: flush through a user_config update; read one ingress replica through a handle."""
+    from aifactory.cluster.connect import init_ray, resolve_address
+    from aifactory.serve import deploy
+
+    if _remote.via_api(args):
+        return _remote.serve_cache(args)
+    home, rest = _rest(args)
+    if args.flush:
+        deploy.flush_caches(rest, args.app, args.tenant)
+        progress(f"{args.app}: cached answers of {args.tenant or 'every tenant'} flushed on every replica")
+    import ray
+    from ray import serve
+
+    init_ray(home, address=resolve_address(home, args.address), logging_level="ERROR")
+    try:
+        info = serve.get_app_handle(args.app).cache_info.remote(args.tenant).result(timeout_s=60)
+    finally:
+        ray.shutdown()
+    emit_obj({"app": args.app, "tenant": args.tenant, **info}, args.format)
     return 0
 
 

@@ -162,11 +162,12 @@ class ControlClient:
     def whoami(self) -> dict:
         return self._call("GET", "/v1/whoami")
 
-    def costs(self, *, by: str = "tenant", since: str | None = None) -> list[dict]:
-        return self._call("GET", "/v1/costs", params={"by": by, **({"since": since} if since else {})})
+    def costs(self, *, by: str = "tenant", since: str | None = None, tenant: str | None = None) -> list[dict]:
+        params = {"by": by, **{k: v for k, v in (("since", since), ("tenant", tenant)) if v}}
+        return self._call("GET", "/v1/costs", params=params)
 
-    def audit(self, *, since: str | None = None, action: str | None = None) -> list[dict]:
-        params = {k: v for k, v in (("since", since), ("action", action)) if v}
+    def audit(self, *, since: str | None = None, action: str | None = None, tenant: str | None = None) -> list[dict]:
+        params = {k: v for k, v in (("since", since), ("action", action), ("tenant", tenant)) if v}
         return self._call("GET", "/v1/audit", params=params or None)
 
 
@@ -200,3 +201,6 @@ class ControlClient:
 
     def flush_cache(self, app: str, *, tenant: str | None = None) -> dict:
         return self._call("DELETE", f"/v1/serve/apps/{app}/cache", params={"tenant": tenant} if tenant else None)
+
+    def budgets(self, *, tenant: str | None = None) -> list[dict]:
+        return self._call("GET", "/v1/budgets", params={"tenant": tenant} if tenant else None)
