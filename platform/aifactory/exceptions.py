@@ -75,19 +75,22 @@ class JobNotFound(FactoryError):
 class QuotaExceeded(FactoryError):
     """Work would take a tenant over a resource quota."""
 
-    def __init__(self, tenant: str, resource: str, requested: float, limit: float, in_use: float = 0.0):
+    def __init__(self, tenant: str, resource: str, requested: float, limit: float, in_use: float = 0.0,
+                 pool: str | None = None):
         self.tenant = tenant
         self.resource = resource
         self.requested = requested
         self.limit = limit
         self.in_use = in_use
+        self.pool = pool  # None: the all-pools quota
+        where = "" if pool is None else f", pool={pool!r}"
         super().__init__(
-            f"QuotaExceeded(tenant={tenant!r}, resource={resource!r}, requested={requested:g}, "
+            f"QuotaExceeded(tenant={tenant!r}{where}, resource={resource!r}, requested={requested:g}, "
             f"in_use={in_use:g}, limit={limit:g}): ask an admin to raise the quota or wait for running work"
         )
 
     def __reduce__(self):
-        return (self.__class__, (self.tenant, self.resource, self.requested, self.limit, self.in_use))
+        return (self.__class__, (self.tenant, self.resource, self.requested, self.limit, self.in_use, self.pool))
 
 
 class BudgetExceeded(FactoryError):

@@ -40,10 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--hard-usd", type=float)
     s.set_defaults(func=_set_budget)
 
-    q = cmds.add_parser("set-quota", help="set a tenant's concurrent CPU/GPU quota in <home>/budgets.yaml")
+    q = cmds.add_parser("set-quota", help="set a tenant's concurrent CPU/GPU quota (all pools, or --pool P) in <home>/budgets.yaml")
     q.add_argument("tenant")
     q.add_argument("--cpu", type=float)
     q.add_argument("--gpu", type=float)
+    q.add_argument("--pool", help="limit within this node pool (aifactory.io/pool) only; default: all pools")
     q.set_defaults(func=_set_quota)
 
     e = cmds.add_parser("export", help="serve the Prometheus cost metrics on 127.0.0.1 until interrupted")
@@ -143,7 +144,18 @@ def _set_budget(args) -> int:
 
 
 def _set_quota(args) -> int:
-    return _edit_limits(args, "quota", {"cpu": args.cpu, "gpu": args.gpu})
+    from aifactory.cost.budgets import load_budgets
+
+    limits = {"cpu": args.cpu, "gpu": args.gpu}
+    current = load_budgets(home_of(args)).tenants.get(args.tenant)
+    quota = current.quota.model_dump(mode="json", exclude_none=True) if current and current.quota else {}
+    pools = quota.get("pools") or {}
+    if args.pool:  # this pool's limits; the all-pools ones and other pools' stay
+        pools[args.pool] = {k: v for k, v in limits.items() if v is not None}
+        values = {"cpu": quota.get("cpu"), "gpu": quota.get("gpu")}
+    else:  # the all-pools limits; the pools' stay
+        values = limits
+    return _edit_limits(args, "quota", {**values, "pools": pools or None})
 
 
 def _export(args) -> int:

@@ -21,8 +21,13 @@ log = logging.getLogger("aifactory.cost")
 _QUOTA_KEYS = {"CPU": "cpu", "cpu": "cpu", "GPU": "gpu", "gpu": "gpu"}
 
 
-def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: WorkloadKind) -> None:
-    """Raise QuotaExceeded / BudgetExceeded if ``tenant`` may not start work needing ``resources``."""
+def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: WorkloadKind, *,
+          pool: str | None = None) -> None:
+    """Raise QuotaExceeded / BudgetExceeded if ``tenant`` may not start work needing ``resources``.
+
+    ``pool``: the node pool the work will run in, if the caller knows it. Work that names no pool may be
+    placed in any pool, so it must fit every pool's quota of the tenant as well as the all-pools one.
+    """
     cfg = load_budgets(home)
     limits = cfg.tenants.get(tenant.tenant)
     if limits is None:
@@ -31,21 +36,12 @@ def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: Wor
 
     ledger = Ledger.of(home)
     if limits.quota is not None:
-        in_use = None
-        for key, amount in resources.items():
-            field = _QUOTA_KEYS.get(key)
-            limit = getattr(limits.quota, field) if field else None
-            if limit is None or not amount:
-                continue
-            if in_use is None:
-                in_use = ledger.live(tenant.tenant, max_age_s=cfg.live_max_age_s)
-                if in_use is None:
-                    log.warning("no fresh collector data for tenant %s: the quota check sees only this request",
-                                tenant.tenant)
-                    in_use = {}
-            held = float(in_use.get(field, 0.0))
-            if held + float(amount) > limit:
-                raise QuotaExceeded(tenant.tenant, field.upper(), float(amount), float(limit), held)
+        q = limits.quota
+        scopes = [(None, q)]  # (pool or None for all pools, its limits)
+        scopes += [(p, pq) for p, pq in sorted(q.pools.items()) if pool is None or p == pool]
+        for scope, scope_limits in scopes:
+            check_quota(tenant.tenant, resources, scope_limits, pool=scope,
+                        in_use=lambda scope=scope: _live(ledger, tenant.tenant, cfg.live_max_age_s, scope))
     b = limits.budget
     if b is not None and (b.hard_usd is not None or b.soft_usd is not None):
         from aifactory.cost.pricebook import load_price_book
@@ -59,6 +55,34 @@ def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: Wor
                    f"({WorkloadKind(workload).value} admitted)")
             log.warning(msg)
             ledger.add_alert(tenant.tenant, "budget_soft", msg)
+
+
+def check_quota(tenant: str, resources: Mapping[str, float], limits, *, pool: str | None,
+                in_use: Callable[[], Mapping[str, float]]) -> None:
+    """Raise QuotaExceeded if held + requested exceeds a limit of ``limits`` (a Quota or PoolQuota).
+
+    ``in_use()`` gives the tenant's current holdings by quota field in that scope; it is read only when a
+    requested resource has a limit.
+    """
+    held_by: Mapping[str, float] | None = None
+    for key, amount in resources.items():
+        field = _QUOTA_KEYS.get(key)
+        limit = getattr(limits, field) if field else None
+        if limit is None or not amount:
+            continue
+        if held_by is None:
+            held_by = in_use()
+        held = float(held_by.get(field, 0.0))
+        if held + float(amount) > limit:
+            raise QuotaExceeded(tenant, field.upper(), float(amount), float(limit), held, pool=pool)
+
+
+def _live(ledger, tenant: str, max_age_s: float, pool: str | None) -> Mapping[str, float]:
+    in_use = ledger.live(tenant, max_age_s=max_age_s, pool=pool)
+    if in_use is None:
+        log.warning("no fresh collector data for tenant %s: the quota check sees only this request", tenant)
+        return {}
+    return in_use
 
 
 def admission_check(home) -> Callable[[TenantRef, Mapping[str, float], WorkloadKind], None]:

@@ -5,7 +5,7 @@ Configured in ``<home>/budgets.yaml``::
     tenants:
       search:
         budget: {period: month, soft_usd: 80, hard_usd: 100}
-        quota: {cpu: 8, gpu: 2}
+        quota: {cpu: 8, gpu: 2, pools: {gpu-h200: {gpu: 1}}}   # pools: limits within one node pool
 
 A tenant without an entry has no limits. Spending is read from the ledger and priced with the price
 book; concurrent holdings come from the collector's live table.
@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from aifactory.config import StrictModel, parse_config, read_yaml
-from aifactory.cost.pricebook import PriceBook
+from aifactory.cost.pricebook import _POOL_NAME, PriceBook
 from aifactory.cost.pricing import price
 from aifactory.tenancy import TenantName
 
@@ -39,9 +39,26 @@ class Budget(StrictModel):
         return self
 
 
+class PoolQuota(StrictModel):
+    cpu: float | None = Field(default=None, ge=0, description="Most CPUs the tenant may hold at once in this pool.")
+    gpu: float | None = Field(default=None, ge=0, description="Most GPUs the tenant may hold at once in this pool.")
+
+
 class Quota(StrictModel):
-    cpu: float | None = Field(default=None, ge=0, description="Most CPUs the tenant may hold at once.")
-    gpu: float | None = Field(default=None, ge=0, description="Most GPUs the tenant may hold at once.")
+    cpu: float | None = Field(default=None, ge=0, description="Most CPUs the tenant may hold at once, all pools.")
+    gpu: float | None = Field(default=None, ge=0, description="Most GPUs the tenant may hold at once, all pools.")
+    pools: dict[str, PoolQuota] = Field(
+        default_factory=dict,
+        description="Node pool (aifactory.io/pool label) -> limits within that pool, beside the all-pools ones.",
+    )
+
+    @model_validator(mode="after")
+    def _pool_names(self) -> Quota:
+        bad = [name for name in self.pools if not _POOL_NAME.match(name)]
+        if bad:
+            raise ValueError(f"pools: {', '.join(map(repr, bad))} is not a pool name (a label value: letters, "
+                             "digits, '-', '_', '.', starting and ending with a letter or digit, at most 63 chars)")
+        return self
 
 
 class TenantLimits(StrictModel):

@@ -6,7 +6,13 @@ current holdings (for quotas). Each closed window of ``window_s`` seconds (align
 attributed and committed to the ledger in one transaction together with the tracker state, so a
 collector killed at any point and restarted resumes at the first uncommitted window: nothing lost,
 nothing counted twice (record keys are idempotent too). Holders that Ray gives start/end times for
-(jobs, tasks) are exact across the gap; others get a midpoint estimate.
+(jobs, tasks) are exact across the gap; others get a midpoint estimate. Tasks that start and end between
+two samples come from the state API's finished tasks; a window waits while a submitted job that started
+in it is still PENDING (up to ``pending_hold_s``), since its holding begins at its start.
+
+Used resources: CPU time per worker process (psutil, this node), and on GPU nodes NVML's utilisation,
+memory and energy per device and process, read by a probe actor pinned to each GPU node
+(:mod:`aifactory.cost.gpu`) and attributed to holders by the state API's worker pids; "unknown" otherwise.
 
 Start it with :func:`start_collector` from a Ray driver (``factory run``'s metering stage does).
 """
@@ -22,7 +28,8 @@ from collections import defaultdict
 from pydantic import Field
 
 from aifactory.config import StrictModel
-from aifactory.cost.attribution import CapacityPoint, Tracker, attribute, keys_from_json, keys_to_json
+from aifactory.cost.attribution import CapacityPoint, Tracker, attribute, keys_from_json, keys_to_json, split_key
+from aifactory.cost.gpu import GpuMeter, GpuUse
 from aifactory.cost.ledger import Ledger
 from aifactory.cost.records import PricingClass, Resource
 from aifactory.tenancy import UNATTRIBUTED
@@ -45,6 +52,11 @@ class CollectorConfig(StrictModel):
         description="Pricing class of nodes without an aifactory.io/pricing-class label (reserved, on-demand, spot).",
     )
     exporter_port: int | None = Field(default=None, description="Serve the Prometheus exporter on 127.0.0.1:port.")
+    pending_hold_s: float = Field(
+        default=300.0, ge=0,
+        description="Hold back windows after a submitted job's start while the job is PENDING, for at most this "
+                    "long: its holding begins at its start, which must not fall in a committed window.",
+    )
 
 
 class CollectorCore:
@@ -61,15 +73,18 @@ class CollectorCore:
         self.resumed = cursor is not None
         self._last_cpu: dict[str, float] = {}
         self._used: dict[tuple[float, str], float] = defaultdict(float)  # (window start, holder) -> CPU-s
+        self._gpu_used: dict[tuple[float, str], GpuUse] = {}  # (window start, holder) -> NVML readings
         self._last_serve: dict = state.get("serve", {})
         self._serve_rows: dict[tuple[float, str, str], dict] = {}
+        self._hold_from: float | None = None  # commit no window ending after this (a job still pending)
         self.samples = 0
         self.windows = 0
         self.records = 0
         self.last_error: str | None = None
         from aifactory.cost.sampler import gpu_status
 
-        self.gpu = gpu_status()
+        self.gpu = gpu_status()  # this node's NVML; replaced by the GPU nodes' once there are any
+        self.gpu_meter = GpuMeter(NAMESPACE)
 
     def _window_of(self, t: float) -> float:
         return math.floor(t / self.config.window_s) * self.config.window_s
@@ -78,11 +93,14 @@ class CollectorCore:
         """Sample once; commit every window that closed. Returns the number of new ledger records."""
         from aifactory.cost.sampler import cpu_seconds, take_snapshot
 
-        snap = take_snapshot(self.config.dashboard_url, last_serve=self._last_serve)
+        # Finished tasks that end in an uncommitted window; the tracker ignores ones it has committed.
+        snap = take_snapshot(self.config.dashboard_url, last_serve=self._last_serve, finished_since=self.cursor)
         self.samples += 1
         if not self.capacity or dict(self.capacity[-1].resources) != snap.capacity:
             self.capacity.append(CapacityPoint(snap.t, dict(snap.capacity)))
         self.tracker.observe(snap.t, snap.holdings)
+        held = snap.pending_since is not None and snap.t - snap.pending_since < self.config.pending_hold_s
+        self._hold_from = snap.pending_since if held else None
         for holder, pids in snap.pids.items():
             cpu = cpu_seconds(pids)
             if cpu is None:
@@ -90,9 +108,20 @@ class CollectorCore:
             if holder in self._last_cpu:
                 self._used[(self._window_of(snap.t), holder)] += max(0.0, cpu - self._last_cpu[holder])
             self._last_cpu[holder] = cpu
+        self._track_gpus(snap)
         self._track_serve(snap)
         self._publish_live()
         return self._commit_closed()
+
+    def _track_gpus(self, snap) -> None:
+        """NVML readings of every GPU node since the last sample, by holder, into the sample's window."""
+        if not snap.gpu_nodes and not self.gpu_meter.status:
+            return  # no GPU in the cluster: GPU use stays "unknown" (self.gpu says why)
+        uses = self.gpu_meter.sample(snap.gpu_nodes, snap.owners)
+        self.gpu = "; ".join(f"node {n[:12]}: {st}" for n, st in sorted(self.gpu_meter.status.items())) or self.gpu
+        w = self._window_of(snap.t)
+        for holder, use in uses.items():
+            self._gpu_used.setdefault((w, holder), GpuUse(holder)).add(use)
 
     def _track_serve(self, snap) -> None:
         w = self._window_of(snap.t)
@@ -108,15 +137,17 @@ class CollectorCore:
 
     def _publish_live(self) -> None:
         amounts: dict[tuple[str, str], float] = defaultdict(float)
+        by_pool: dict[tuple[str, str, str], float] = defaultdict(float)
         for h in self.tracker.open.values():
             total = sum(v for v in (h.shares or {}).values() if v > 0)
             parts = ([(k.split("/")[0], v / total) for k, v in h.shares.items() if v > 0] if total
                      else [(h.tenant, 1.0)])
-            for key, amount in h.resources.items():  # quotas count a resource across pools
-                resource = key[0]
+            for key, amount in h.resources.items():  # all-pools quotas count a resource across pools
+                resource, _sku, pool, _cls = split_key(key)
                 for tenant, frac in parts:
                     amounts[(tenant, resource)] += amount * frac
-        self.ledger.set_live(self.config.cluster_id, amounts)
+                    by_pool[(tenant, resource, pool)] += amount * frac
+        self.ledger.set_live(self.config.cluster_id, amounts, by_pool=by_pool)
 
     def _commit_closed(self) -> int:
         written = 0
@@ -124,7 +155,8 @@ class CollectorCore:
         # Commit a window only after two more samples: a holder missing from one partial state-API answer
         # is reopened by the tracker before its window is written.
         lag = 2 * self.config.sample_interval_s
-        while self.tracker.last_t is not None and self.cursor + w <= self.tracker.last_t - lag:
+        while (self.tracker.last_t is not None and self.cursor + w <= self.tracker.last_t - lag
+               and (self._hold_from is None or self.cursor + w <= self._hold_from)):
             start, end = self.cursor, self.cursor + w
             records = attribute(self.tracker.holdings(), self.capacity, start, end,
                                 region=self.config.region, pricing_class=self.config.pricing_class)
@@ -149,31 +181,50 @@ class CollectorCore:
                 del self._serve_rows[key]
             for key in [k for k in self._used if k[0] <= start]:
                 del self._used[key]
+            for key in [k for k in self._gpu_used if k[0] <= start]:
+                del self._gpu_used[key]
             self.cursor = end
             self.windows += 1
         self.records += written
         return written
 
     def _attach_used(self, records, window_start: float):
-        """Set ``used_s`` on CPU records of holders whose processes were measured in this window."""
-        cpu_s_by_holder: dict[str, float] = defaultdict(float)
-        for r in records:
-            if r.resource == Resource.CPU and r.holder:
-                cpu_s_by_holder[r.holder] += r.quantity_s
-        out = []
-        for r in records:
-            used = self._used.get((window_start, r.holder)) if r.resource == Resource.CPU else None
-            if used is not None and cpu_s_by_holder[r.holder] > 0:
-                # A shared replica's measured CPU is split like its allocation.
-                r = r.model_copy(update={"used_s": used * r.quantity_s / cpu_s_by_holder[r.holder]})
-            out.append(r)
-        return out
+        """Set the used amounts on CPU and GPU records of holders measured in this window (else unknown)."""
+        gpu = {h: u for (w, h), u in self._gpu_used.items() if w == window_start}
+        return attach_used(records, cpu_s={h: v for (w, h), v in self._used.items() if w == window_start}, gpu=gpu)
 
     def status(self) -> dict:
         return {"cluster_id": self.config.cluster_id, "cursor": self.cursor, "samples": self.samples,
+                "gpu_nodes": dict(self.gpu_meter.status),
                 "windows": self.windows, "records": self.records, "resumed": self.resumed,
                 "open_holders": len(self.tracker.open), "gpu": self.gpu, "last_error": self.last_error,
                 "ledger": str(self.ledger.path)}
+
+
+def attach_used(records, *, cpu_s: dict[str, float], gpu: dict[str, GpuUse]):
+    """Records of one window with what their holders used: measured CPU-seconds on CPU records; NVML's
+    GPU-seconds, memory GiB-seconds and energy on GPU records. A holder's use is split over its records
+    of that resource like its allocation (a shared replica's tenants, several pools). Pure."""
+    alloc: dict[tuple[str, Resource], float] = defaultdict(float)
+    for r in records:
+        if r.holder:
+            alloc[(r.holder, r.resource)] += r.quantity_s
+    out = []
+    for r in records:
+        total = alloc.get((r.holder, r.resource), 0.0)
+        if r.holder and total > 0:
+            frac = r.quantity_s / total
+            if r.resource == Resource.CPU and r.holder in cpu_s:
+                r = r.model_copy(update={"used_s": cpu_s[r.holder] * frac})
+            elif r.resource == Resource.GPU and r.holder in gpu:
+                u = gpu[r.holder]
+                r = r.model_copy(update={
+                    "used_s": None if u.gpu_s is None else u.gpu_s * frac,
+                    "gpu_memory_gib_s": None if u.memory_gib_s is None else u.memory_gib_s * frac,
+                    "energy_j": None if u.energy_j is None else u.energy_j * frac,
+                })
+        out.append(r)
+    return out
 
 
 def _actor_class():
@@ -224,6 +275,8 @@ def _actor_class():
 
         def stop(self) -> None:
             self._stop.set()
+            with self._lock:
+                self.core.gpu_meter.stop()
 
     return CostCollector
 

@@ -18,6 +18,8 @@ UID = "aifactory-costs"
 PANELS: list[tuple[str, str, str, str]] = [
     ("Cost by tenant (USD)", "sum by (tenant) (aifactory_cost_usd)", "currencyUSD", "bargauge"),
     ("Cost by tenant and resource (USD)", "sum by (tenant, resource) (aifactory_cost_usd)", "currencyUSD", "table"),
+    ("Cost by node pool and resource (USD)", "sum by (pool, resource) (aifactory_cost_usd)", "currencyUSD",
+     "table"),
     ("Cost by workload (USD)", "sum by (workload) (aifactory_cost_usd)", "currencyUSD", "piechart"),
     ("Allocated CPU-seconds by tenant", 'sum by (tenant) (aifactory_resource_seconds{resource="cpu"})', "s",
      "timeseries"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from aifactory.cost.kpis import kpis
 from aifactory.cost.ledger import Ledger
 from aifactory.cost.pricing import price
+from aifactory.cost.records import Resource
 
 UNIT_KPIS = {
     "per_job": "cost_per_job_usd",
@@ -44,28 +45,41 @@ class CostMetrics:
         book = load_price_book(home=home)
         since = time.time() - self.lookback_s
         records = self.ledger.usage(since=since)
-        labels = ["tenant", "project", "workload", "resource", "sku"]
-        cost = GaugeMetricFamily("aifactory_cost_usd", "Cost in USD by tenant, project, workload and resource "
-                                 "(ledger windows in the lookback)", labels=labels)
+        # pool: the node pool the resource was held in (its own price); "default" for unlabelled nodes.
+        labels = ["tenant", "project", "workload", "resource", "sku", "pool"]
+        cost = GaugeMetricFamily("aifactory_cost_usd", "Cost in USD by tenant, project, workload, resource and "
+                                 "node pool (ledger windows in the lookback)", labels=labels)
         secs = GaugeMetricFamily("aifactory_resource_seconds", "Allocated resource-seconds (CPU-s, GPU-s, GiB-s)",
                                  labels=labels)
         used = GaugeMetricFamily("aifactory_used_cpu_seconds", "Measured CPU-seconds used",
                                  labels=["tenant", "project", "workload"])
+        gpu_used = GaugeMetricFamily("aifactory_used_gpu_seconds", "GPU-seconds used (NVML utilisation x time) on "
+                                     "allocated GPUs, where measured", labels=["tenant", "project", "workload", "pool"])
+        gpu_energy = GaugeMetricFamily("aifactory_gpu_energy_joules", "GPU energy (NVML) of allocated GPUs, where "
+                                       "measured", labels=["tenant", "project", "workload", "pool"])
         acc: dict[tuple, list[float]] = {}
         used_acc: dict[tuple, float] = {}
+        gpu_acc: dict[tuple, list[float]] = {}
         for r in records:
-            key = (r.tenant, r.project, r.workload, r.resource.value, r.sku)
+            key = (r.tenant, r.project, r.workload, r.resource.value, r.sku, r.pool)
             a = acc.setdefault(key, [0.0, 0.0])
             a[0] += price(r, book).usd
             a[1] += r.quantity_s
-            if r.used_s is not None:
+            if r.resource == Resource.CPU and r.used_s is not None:
                 k2 = (r.tenant, r.project, r.workload)
                 used_acc[k2] = used_acc.get(k2, 0.0) + r.used_s
+            elif r.resource == Resource.GPU and (r.used_s is not None or r.energy_j is not None):
+                g = gpu_acc.setdefault((r.tenant, r.project, r.workload, r.pool), [0.0, 0.0])
+                g[0] += r.used_s or 0.0
+                g[1] += r.energy_j or 0.0
         for key, (usd, s) in sorted(acc.items()):
             cost.add_metric(list(key), usd)
             secs.add_metric(list(key), s)
         for key, s in sorted(used_acc.items()):
             used.add_metric(list(key), s)
+        for key, (s, joules) in sorted(gpu_acc.items()):
+            gpu_used.add_metric(list(key), s)
+            gpu_energy.add_metric(list(key), joules)
         unit = GaugeMetricFamily("aifactory_unit_cost_usd", "Unit costs in USD", labels=["tenant", "project", "unit"])
         util = GaugeMetricFamily("aifactory_utilisation_ratio", "Used / allocated CPU-seconds",
                                  labels=["tenant", "project"])
@@ -97,7 +111,7 @@ class CostMetrics:
             alerts.add_metric(list(key), n)
         info = GaugeMetricFamily("aifactory_price_book_info", "The price book in use", labels=["version"])
         info.add_metric([book.version], 1.0)
-        return [cost, secs, used, unit, util, idle, remaining, spent, alerts, info]
+        return [cost, secs, used, gpu_used, gpu_energy, unit, util, idle, remaining, spent, alerts, info]
 
     def collect(self):
         now = time.monotonic()

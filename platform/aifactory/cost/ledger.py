@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS usage (
     resource TEXT NOT NULL, sku TEXT NOT NULL, region TEXT NOT NULL, pricing_class TEXT NOT NULL,
     quantity_s REAL NOT NULL, used_s REAL,
     written_at REAL NOT NULL,
-    pool TEXT NOT NULL DEFAULT 'default'
+    pool TEXT NOT NULL DEFAULT 'default',
+    gpu_memory_gib_s REAL, energy_j REAL
 );
 CREATE INDEX IF NOT EXISTS usage_window ON usage(window_start);
 CREATE INDEX IF NOT EXISTS usage_tenant ON usage(tenant, window_start);
@@ -40,6 +41,10 @@ CREATE TABLE IF NOT EXISTS collector_state (
 CREATE TABLE IF NOT EXISTS live (
     cluster TEXT NOT NULL, tenant TEXT NOT NULL, resource TEXT NOT NULL, amount REAL NOT NULL,
     updated_at REAL NOT NULL, PRIMARY KEY (cluster, tenant, resource)
+);
+CREATE TABLE IF NOT EXISTS live_pool (
+    cluster TEXT NOT NULL, tenant TEXT NOT NULL, pool TEXT NOT NULL, resource TEXT NOT NULL, amount REAL NOT NULL,
+    updated_at REAL NOT NULL, PRIMARY KEY (cluster, tenant, pool, resource)
 );
 CREATE TABLE IF NOT EXISTS serve_usage (
     key TEXT PRIMARY KEY, window_start REAL NOT NULL, window_end REAL NOT NULL,
@@ -57,10 +62,11 @@ CREATE TABLE IF NOT EXISTS alerts (
 
 # UsageRecord fields, in the order rows are read back.
 _RECORD_COLS = ("window_start", "window_end", "tenant", "project", "workload", "job_id", "deployment", "holder",
-                "resource", "sku", "region", "pricing_class", "quantity_s", "used_s", "pool")
+                "resource", "sku", "region", "pricing_class", "quantity_s", "used_s", "pool", "gpu_memory_gib_s",
+                "energy_j")
 _USAGE_COLS = ("key", *_RECORD_COLS, "written_at")
 # Columns added after the first schema: (name, SQL definition) for ALTER TABLE on older ledgers.
-_ADDED_USAGE_COLS = (("pool", "TEXT NOT NULL DEFAULT 'default'"),)
+_ADDED_USAGE_COLS = (("pool", "TEXT NOT NULL DEFAULT 'default'"), ("gpu_memory_gib_s", "REAL"), ("energy_j", "REAL"))
 
 EVENT_KINDS = ("run", "run_failed", "retry", "checkpoint_validated")
 
@@ -120,7 +126,8 @@ class Ledger:
         now = time.time()
         rows = [
             (r.key, r.window_start, r.window_end, r.tenant, r.project, r.workload, r.job_id, r.deployment,
-             r.holder, r.resource.value, r.sku, r.region, r.pricing_class.value, r.quantity_s, r.used_s, r.pool, now)
+             r.holder, r.resource.value, r.sku, r.region, r.pricing_class.value, r.quantity_s, r.used_s, r.pool,
+             r.gpu_memory_gib_s, r.energy_j, now)
             for r in records
         ]
         before = db.total_changes
@@ -182,20 +189,31 @@ class Ledger:
 
     # --- live holdings (quotas) ----------------------------------------------------------------------
 
-    def set_live(self, cluster: str, amounts: Mapping[tuple[str, str], float]) -> None:
-        """Replace the current per-(tenant, resource) holdings of ``cluster``."""
+    def set_live(self, cluster: str, amounts: Mapping[tuple[str, str], float], *,
+                 by_pool: Mapping[tuple[str, str, str], float] | None = None) -> None:
+        """Replace the current holdings of ``cluster``: per (tenant, resource) across its pools, and per
+        (tenant, resource, pool) in ``by_pool``."""
         now = time.time()
         with self.transaction() as db:
             db.execute("DELETE FROM live WHERE cluster=?", (cluster,))
             db.executemany("INSERT INTO live VALUES (?,?,?,?,?)",
                            [(cluster, t, r, a, now) for (t, r), a in amounts.items()])
+            db.execute("DELETE FROM live_pool WHERE cluster=?", (cluster,))
+            db.executemany("INSERT INTO live_pool VALUES (?,?,?,?,?,?)",
+                           [(cluster, t, p, r, a, now) for (t, r, p), a in (by_pool or {}).items()])
 
-    def live(self, tenant: str, *, max_age_s: float) -> dict[str, float] | None:
-        """The tenant's current holdings by resource across clusters, or None if no collector is fresh."""
+    def live(self, tenant: str, *, max_age_s: float, pool: str | None = None) -> dict[str, float] | None:
+        """The tenant's current holdings by resource across clusters (in ``pool`` only, if given), or None if
+        no collector is fresh."""
+        table, where, args = "live", "", [tenant, time.time() - max_age_s]
+        if pool is not None:
+            table, where = "live_pool", " AND pool = ?"
+            args.append(pool)
         with self._connect() as db:
+            # Freshness is the collector's (the live table is written on every sample, even when empty).
             fresh = db.execute("SELECT MAX(updated_at) FROM live").fetchone()[0]
-            rows = db.execute("SELECT resource, SUM(amount) FROM live WHERE tenant=? AND updated_at > ? "
-                              "GROUP BY resource", (tenant, time.time() - max_age_s)).fetchall()
+            rows = db.execute(f"SELECT resource, SUM(amount) FROM {table} WHERE tenant=? AND updated_at > ?{where} "
+                              "GROUP BY resource", args).fetchall()
         if fresh is None or fresh < time.time() - max_age_s:
             return None
         return {r: a for r, a in rows}

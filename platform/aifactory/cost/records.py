@@ -61,7 +61,12 @@ class UsageRecord(BaseModel):
     pool: str = Field(default=DEFAULT_POOL, min_length=1,
                       description="Node pool (the node's aifactory.io/pool label); 'default' for unlabelled nodes.")
     quantity_s: float = Field(ge=0, description="Allocated resource-seconds (CPU-s, GPU-s, GiB-s).")
-    used_s: float | None = Field(default=None, ge=0, description="Used resource-seconds; None = unknown.")
+    used_s: float | None = Field(default=None, ge=0, description="Used resource-seconds (CPU time; GPU: NVML "
+                                 "utilisation x seconds); None = unknown.")
+    gpu_memory_gib_s: float | None = Field(default=None, ge=0, description="GPU records: device memory the "
+                                           "holder's processes used, GiB-seconds (NVML); None = unknown.")
+    energy_j: float | None = Field(default=None, ge=0, description="GPU records: energy of the devices, in "
+                                   "joules, split by the holder's share of them (NVML); None = unknown.")
 
     @model_validator(mode="after")
     def _window(self) -> UsageRecord:

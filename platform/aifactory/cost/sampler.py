@@ -7,7 +7,9 @@ Holders, each counted once:
   actors and tasks inside a group are not counted again;
 - other live actors by their required resources (Serve replicas as ``app/deployment``, split between
   tenants by the serving layer's per-tenant processing time when it is available);
-- running normal tasks outside any group, with their exact start time.
+- normal tasks outside any group: running ones with their exact start time, and those that ended since
+  the collector's cursor with their exact start and end (tasks shorter than the sampling period are
+  never seen running);
 All Serve replicas belong to the job that started Serve, so replicas are named by deployment.
 Untagged jobs map to ``unattributed``. Used CPU comes from psutil for processes on this node.
 
@@ -36,6 +38,7 @@ SUPERVISOR_PREFIX = "_ray_internal_job_actor_"
 GIB = float(1 << 30)
 # Custom resources priced as ASICs (resource name in Ray -> price-book resource "asic").
 ASIC_RESOURCES = ("TPU", "NPU", "HPU", "neuron_cores")
+TASK_LIMIT = 10000
 
 
 @dataclass
@@ -46,6 +49,12 @@ class Snapshot:
     pids: dict[str, list[int]] = field(default_factory=dict)  # holder -> pids on this node
     node_id: str | None = None
     serve_usage: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # app -> tenant -> counters
+    # (node id, pid) -> holder, on every node: whose process is on a GPU (NVML reports pids)
+    owners: dict[tuple[str, int], str] = field(default_factory=dict)
+    gpu_nodes: list[str] = field(default_factory=list)  # alive nodes with GPUs: where NVML is read
+    # Earliest start of a submitted job still PENDING, not yet counted (its supervisor is not up): its
+    # holding will begin at that start once it shows, so windows from there on must wait for it.
+    pending_since: float | None = None
 
 
 def resource_keys(resources: Mapping[str, float], *, accelerator: str, asic_sku: str,
@@ -118,8 +127,13 @@ def node_pools(nodes) -> dict[str, tuple[str, str]]:
     return out
 
 
-def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, timeout_s: int = 30) -> Snapshot:
-    """Read the cluster through the state API (``address``: the dashboard URL or None for the current one)."""
+def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, timeout_s: int = 30,
+                  finished_since: float | None = None) -> Snapshot:
+    """Read the cluster through the state API (``address``: the dashboard URL or None for the current one).
+
+    ``finished_since``: also return the normal tasks that ended after this time (Unix seconds), with
+    their exact start and end, so that tasks shorter than the sampling period are metered.
+    """
     from ray.util import state
 
     kw = {"address": address, "timeout": timeout_s, "raise_on_missing_output": False}
@@ -158,6 +172,11 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
 
     holdings: list[Holding] = []
     pids: dict[str, list[int]] = {}
+    owners: dict[tuple[str, int], str] = {}
+
+    def own(node_id: str | None, pid: int | None, holder: str) -> None:
+        if node_id and pid:
+            owners[(node_id, int(pid))] = holder
     me = None
     try:
         import ray
@@ -183,16 +202,23 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
             tags = tags_from_metadata(job.metadata)
             end = job.end_time / 1000.0 if terminal and job.end_time else None
             holder = f"job:{sub_id}"
+            own(a.node_id, a.pid, holder)
+            driver = getattr(job, "driver_info", None)  # the entrypoint's process, a child of the supervisor
+            own(getattr(job, "driver_node_id", None), getattr(driver, "pid", None), holder)
             holdings.append(Holding(holder, tags.tenant, res, start=job.start_time / 1000.0, end=end,
                                     project=tags.project, workload=tags.workload,
                                     job_id=job.job_id or sub_id))
             if a.pid and a.state == "ALIVE" and a.node_id == me:
                 pids[holder] = [a.pid]
             continue
-        if a.state != "ALIVE" or a.placement_group_id:
+        if a.state != "ALIVE":
+            continue
+        if a.placement_group_id:  # its group holds its resources (Train workers, Tune trials)
+            own(a.node_id, a.pid, f"pg:{a.placement_group_id}")
             continue
         res = keys(a.required_resources, a.node_id)
         holder = f"actor:{a.actor_id}"
+        own(a.node_id, a.pid, holder)
         if a.pid and a.node_id == me:
             pids[holder] = [a.pid]
         if not res:
@@ -222,25 +248,66 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
         holdings.append(Holding(f"pg:{pg.placement_group_id}", tags.tenant, res, project=tags.project,
                                 workload=tags.workload, job_id=pg.creator_job_id or ""))
 
-    tasks = state.list_tasks(filters=[("state", "=", "RUNNING")], detail=True, limit=10000, **kw)
+    tasks = state.list_tasks(filters=[("state", "=", "RUNNING")], detail=True, limit=TASK_LIMIT, **kw)
+    if finished_since is not None:
+        # Tasks that began and ended between two samples are never seen RUNNING: take them (and the end
+        # of those that were) from the finished ones, with Ray's exact start/end times.
+        for st in ("FINISHED", "FAILED"):
+            done = state.list_tasks(filters=[("state", "=", st), ("type", "=", "NORMAL_TASK")], detail=True,
+                                    limit=TASK_LIMIT, **kw)
+            if len(done) >= TASK_LIMIT:
+                log.warning("the state API returned %d %s tasks (its limit): finished tasks beyond it are not "
+                            "metered; sample more often", len(done), st)
+            tasks = [*tasks, *done]
+    seen_holders = set()
+    for holding, task in task_holdings(tasks, keys=keys, tags_of=tags_of, finished_since=finished_since):
+        if holding.holder in seen_holders:  # RUNNING in one answer and finished in the next: keep the finished
+            holdings = [h for h in holdings if h.holder != holding.holder]
+        seen_holders.add(holding.holder)
+        holdings.append(holding)
+        if holding.end is None:
+            own(task.node_id, task.worker_pid, holding.holder)
+            if task.worker_pid and task.node_id == me:
+                pids[holding.holder] = [task.worker_pid]
+
+    counted = {h.holder for h in holdings}
+    pending = [j.start_time / 1000.0 for j in jobs
+               if str(getattr(j.status, "value", j.status)) == "PENDING" and j.submission_id and j.start_time
+               and f"job:{j.submission_id}" not in counted]
+    serve_usage = read_serve_usage() if serve_apps else {}
+    if serve_usage:
+        holdings = [_with_shares(h, serve_usage, last_serve or {}) for h in holdings]
+    gpu_nodes = [n.node_id for n in nodes if (n.resources_total or {}).get("GPU")]
+    return Snapshot(t=t, capacity=capacity, holdings=holdings, pids=pids, node_id=me, serve_usage=serve_usage,
+                    owners=owners, gpu_nodes=gpu_nodes, pending_since=min(pending) if pending else None)
+
+
+def task_holdings(tasks, *, keys, tags_of, finished_since: float | None = None):
+    """(Holding, task) of each normal task outside a placement group that held resources.
+
+    Running tasks are open holdings from their start; finished (or failed) ones are closed at their end
+    when they ended after ``finished_since`` (older ones were committed already). A task that never
+    started (cancelled while pending) held nothing. Pure: ``tasks`` are state-API ``TaskState``-like
+    objects, ``keys(resources, node_id)`` the price-book keys, ``tags_of(job_id)`` the job's tags.
+    """
     for task in tasks:
         if str(getattr(task.type, "value", task.type)) != "NORMAL_TASK" or task.placement_group_id:
             continue
+        state_name = str(getattr(task.state, "value", task.state))
+        start = task.start_time_ms / 1000.0 if task.start_time_ms else None
+        end = None
+        if state_name != "RUNNING":
+            if start is None or not task.end_time_ms:
+                continue
+            end = task.end_time_ms / 1000.0
+            if finished_since is None or end <= finished_since:
+                continue
         res = keys(task.required_resources, task.node_id)
         if not res:
             continue
         tags = tags_of(task.job_id)
-        holder = f"task:{task.task_id}:{task.attempt_number}"
-        start = task.start_time_ms / 1000.0 if task.start_time_ms else None
-        holdings.append(Holding(holder, tags.tenant, res, start=start, project=tags.project,
-                                workload=tags.workload, job_id=task.job_id or ""))
-        if task.worker_pid and task.node_id == me:
-            pids[holder] = [task.worker_pid]
-
-    serve_usage = read_serve_usage() if serve_apps else {}
-    if serve_usage:
-        holdings = [_with_shares(h, serve_usage, last_serve or {}) for h in holdings]
-    return Snapshot(t=t, capacity=capacity, holdings=holdings, pids=pids, node_id=me, serve_usage=serve_usage)
+        yield (Holding(f"task:{task.task_id}:{task.attempt_number}", tags.tenant, res, start=start, end=end,
+                       project=tags.project, workload=tags.workload, job_id=task.job_id or ""), task)
 
 
 def read_serve_usage() -> dict[str, dict[str, dict[str, float]]]:
