@@ -26,8 +26,8 @@ JOB_S = 24.0
 CPUS = {"alpha": 1.0, "beta": 2.0}
 SAMPLE_S, WINDOW_S = 3.0, 6.0
 BURST_TASKS, BURST_TASK_S = 12, 1.0
-# Run as a job of tenant delta: its tasks inherit the job's id, hence its tenant. Each task reports the
-# wall-clock time it ran: the known usage the ledger must match.
+# Run as a job of tenant delta: its tasks and actor inherit the job's id, hence its tenant. Each task
+# reports the wall-clock time it ran, which lies within the span Ray records for it.
 BURST_SCRIPT = f"""
 import json, sys, time
 import ray
@@ -40,10 +40,20 @@ def busy(i):
     time.sleep({BURST_TASK_S})
     return t0, time.time()
 
+@ray.remote(num_cpus=1)
+class Brief:
+    def ping(self):
+        return 1
+
 spans = []
 for wave in range({BURST_TASKS} // 4):
     spans += ray.get([busy.remote(i) for i in range(4)])
-json.dump(spans, open(sys.argv[1], "w"))
+# and an actor that lives about a second
+brief = Brief.remote()
+ray.get(brief.ping.remote())
+time.sleep(1.0)
+ray.kill(brief)
+json.dump({{"spans": spans, "actor": brief._actor_id.hex()}}, open(sys.argv[1], "w"))
 """
 
 
@@ -143,7 +153,7 @@ def test_attribution_of_known_jobs_within_2_percent(scenario):
         assert {r.project for r in ledger.usage(tenant=tenant)} == {"costs"}
 
 
-def test_burst_of_short_tasks_attributed_within_2_percent(scenario):
+def test_burst_of_short_tasks_and_a_brief_actor_attributed_within_2_percent(scenario):
     from ray.util import state
 
     from aifactory.cost.ledger import Ledger
@@ -155,14 +165,21 @@ def test_burst_of_short_tasks_attributed_within_2_percent(scenario):
     ray_tasks = [t for t in state.list_tasks(address=scenario["cluster"].dashboard_url, detail=True, limit=1000,
                                              filters=[("job_id", "=", rec.ray_job_id), ("name", "=", "busy")])
                  if str(t.state) in ("FINISHED", "TaskStatus.FINISHED")]
-    assert len(ray_tasks) == BURST_TASKS == len(scenario["burst"])
+    assert len(ray_tasks) == BURST_TASKS == len(scenario["burst"]["spans"])
     ray_s = {f"task:{t.task_id}:{t.attempt_number}": (t.end_time_ms - t.start_time_ms) / 1000.0 for t in ray_tasks}
     expected = sum(ray_s.values())
-    assert sum(end - start for start, end in scenario["burst"]) <= expected
+    assert sum(end - start for start, end in scenario["burst"]["spans"]) <= expected
     rows = [r for r in Ledger(scenario["ledger_path"]).usage(tenant="delta") if r.resource.value == "cpu"]
     got: dict[str, float] = {}
     for r in rows:
         got[r.holder] = got.get(r.holder, 0.0) + r.quantity_s
+    # the short-lived actor: its span from the GCS actor table (the state API's actors carry no times)
+    from ray._private import state as gcs_state
+
+    actor = gcs_state.actors(scenario["burst"]["actor"])
+    assert actor["State"] == "DEAD" and actor["EndTime"] > actor["StartTime"] > 0
+    actor_s = (actor["EndTime"] - actor["StartTime"]) / 1000.0
+    assert got.pop(f"actor:{scenario['burst']['actor']}") == pytest.approx(actor_s, rel=0.02)
     assert set(got) == set(ray_s), (sorted(got), sorted(ray_s))
     assert sum(got.values()) == pytest.approx(expected, rel=0.02), {h: (got[h], ray_s[h]) for h in ray_s}
     assert {r.project for r in rows} == {"burst"}

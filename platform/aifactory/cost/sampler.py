@@ -5,8 +5,9 @@ Holders, each counted once:
   with the job's exact start/end times;
 - placement groups (Train workers, Tune trials) by their bundles, attributed to the creator job; the
   actors and tasks inside a group are not counted again;
-- other live actors by their required resources (Serve replicas as ``app/deployment``, split between
-  tenants by the serving layer's per-tenant processing time when it is available);
+- other actors by their required resources (Serve replicas as ``app/deployment``, split between
+  tenants by the serving layer's per-tenant processing time when it is available): live ones, and
+  those that died since the collector's cursor, with their start/end times from the GCS actor table;
 - normal tasks outside any group: running ones with their exact start time, and those that ended since
   the collector's cursor with their exact start and end (tasks shorter than the sampling period are
   never seen running);
@@ -187,6 +188,7 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
         me = None
 
     actors = state.list_actors(detail=True, limit=10000, **kw)
+    times = actor_times()
     serve_apps = set()
     for a in actors:
         name = a.name or ""
@@ -211,16 +213,23 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
             if a.pid and a.state == "ALIVE" and a.node_id == me:
                 pids[holder] = [a.pid]
             continue
+        start, end = times.get(a.actor_id, (None, None))
         if a.state != "ALIVE":
-            continue
-        if a.placement_group_id:  # its group holds its resources (Train workers, Tune trials)
+            # An actor that lived and died since the cursor (maybe between two samples): its exact span.
+            if (a.placement_group_id or start is None or end is None or finished_since is None
+                    or end <= finished_since):
+                continue
+        elif a.placement_group_id:  # its group holds its resources (Train workers, Tune trials)
             own(a.node_id, a.pid, f"pg:{a.placement_group_id}")
             continue
+        else:
+            end = None
         res = keys(a.required_resources, a.node_id)
         holder = f"actor:{a.actor_id}"
-        own(a.node_id, a.pid, holder)
-        if a.pid and a.node_id == me:
-            pids[holder] = [a.pid]
+        if end is None:
+            own(a.node_id, a.pid, holder)
+            if a.pid and a.node_id == me:
+                pids[holder] = [a.pid]
         if not res:
             continue
         tags = tags_of(a.job_id)
@@ -231,7 +240,7 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
             app, dep = (parts[1], parts[2]) if len(parts) >= 3 else ("", parts[-1])
             deployment = f"{app}/{dep}"
             serve_apps.add(app)
-        holdings.append(Holding(holder, tags.tenant, res, project=tags.project,
+        holdings.append(Holding(holder, tags.tenant, res, start=start, end=end, project=tags.project,
                                 workload="serve" if deployment else tags.workload,
                                 job_id=a.job_id or "", deployment=deployment))
 
@@ -280,6 +289,29 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
     gpu_nodes = [n.node_id for n in nodes if (n.resources_total or {}).get("GPU")]
     return Snapshot(t=t, capacity=capacity, holdings=holdings, pids=pids, node_id=me, serve_usage=serve_usage,
                     owners=owners, gpu_nodes=gpu_nodes, pending_since=min(pending) if pending else None)
+
+
+def actor_times() -> dict[str, tuple[float | None, float | None]]:
+    """actor id -> (start, end) in Unix seconds (None: not yet / not known) from the GCS actor table.
+
+    The state API's ``list_actors`` has no times; the GCS actor table has them (Ray's debugging accessor
+    ``ray._private.state.actors``). Where this process is no Ray driver or the accessor fails, actors get
+    the tracker's midpoint estimates (logged), as before.
+    """
+    try:
+        import ray
+        from ray._private import state as gcs_state
+
+        if not ray.is_initialized():
+            return {}
+        table = gcs_state.actors()
+    except Exception as err:  # noqa: BLE001 - a private accessor: fall back to estimated edges, loudly
+        log.warning("no actor start/end times from the GCS actor table (%s: %s): actors get estimated edges",
+                    type(err).__name__, err)
+        return {}
+    return {aid: (row.get("StartTime") / 1000.0 if row.get("StartTime") else None,
+                  row.get("EndTime") / 1000.0 if row.get("EndTime") else None)
+            for aid, row in table.items()}
 
 
 def task_holdings(tasks, *, keys, tags_of, finished_since: float | None = None):
