@@ -251,6 +251,13 @@ def test_quota_refuses_submission(scenario, tmp_path):
         with pytest.raises(QuotaExceeded):
             Client(address=cluster.dashboard_url, tenant="gamma", home=FactoryHome.from_env(cluster.home)).submit(
                 ["python", "-c", "print(1)"], num_cpus=1.5)
+        # a per-pool quota: work that names no pool may land in that pool, so it must fit there too
+        run_factory("costs", "set-quota", "gamma", "--gpu", "0.5", "--pool", "gpu-h200", home=cluster.home, env=env)
+        proc = run_factory("submit", "--tenant", "gamma", "--num-cpus", "1", "--num-gpus", "1", "--", "python", "-c",
+                           "print(1)", home=cluster.home, env=env, check=False)
+        assert proc.returncode != 0
+        assert "QuotaExceeded(tenant='gamma', pool='gpu-h200', resource='GPU', requested=1" in proc.stderr
+        assert "limit=0.5" in proc.stderr
     finally:
         (Path(cluster.home) / "budgets.yaml").unlink(missing_ok=True)
 

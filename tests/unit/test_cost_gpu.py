@@ -120,3 +120,19 @@ def test_ledger_keeps_gpu_use_and_an_older_ledger_gains_the_columns(tmp_path):
     assert led.append([rec]) == 1
     got = [r for r in led.usage() if r.resource.value == "gpu"][0]
     assert (got.used_s, got.gpu_memory_gib_s, got.energy_j) == (30.0, 600.0, 4200.0)
+
+
+def test_coverage_idle_allocated_gpu_is_zero_failed_node_is_unknown():
+    from aifactory.cost.gpu import coverage
+
+    owners = {("n1", 101): "pg:train", ("n2", 7): "actor:x", ("n3", 8): "task:cpu-only", ("n2", 9): "pg:train"}
+    cov = coverage(owners, gpu_nodes=["n1", "n2"], measured=["n1"])
+    assert "task:cpu-only" not in cov  # n3 has no GPU: nothing to say
+    assert (cov["actor:x"].gpu_s, cov["actor:x"].energy_j) == (None, None)  # n2's reading failed
+    assert cov["pg:train"].gpu_s is None  # a holder on a measured and an unmeasured node: unknown overall
+    both = coverage(owners, gpu_nodes=["n1", "n2"], measured=["n1", "n2"])
+    assert (both["actor:x"].gpu_s, both["actor:x"].memory_gib_s, both["actor:x"].energy_j) == (0.0, 0.0, 0.0)
+    # measured figures add to the zeros
+    total = both["actor:x"]
+    total.add(GpuUse("actor:x", gpu_s=3.0, memory_gib_s=1.0, energy_j=50.0))
+    assert (total.gpu_s, total.energy_j) == (3.0, 50.0)

@@ -188,6 +188,24 @@ def gpu_use(before: Sequence[GpuDevice], now: Sequence[GpuDevice],
     return out
 
 
+def coverage(owners: Mapping[tuple[str, int], str], gpu_nodes: Sequence[str],
+             measured: Sequence[str]) -> dict[str, GpuUse]:
+    """What NVML's silence means for each holder with a process on a GPU node; pure.
+
+    On a node measured over the interval, a holder with no process on a GPU used none (0, not unknown:
+    an allocated, idle GPU is what utilisation must show). On a GPU node whose reading failed, the
+    holder's use is unknown. Add :func:`gpu_use`'s figures to these.
+    """
+    out: dict[str, GpuUse] = {}
+    gpu, ok = set(gpu_nodes), set(measured)
+    for (node_id, _pid), holder in owners.items():
+        if node_id not in gpu:
+            continue
+        figures = (0.0, 0.0, 0.0) if node_id in ok else (None, None, None)
+        out.setdefault(holder, GpuUse(holder)).add(GpuUse(holder, *figures))
+    return out
+
+
 def _mean(a: float | None, b: float | None) -> float | None:
     if a is None and b is None:
         return None
@@ -227,7 +245,8 @@ def probe_class():
 class GpuMeter:
     """The collector's view of every GPU node: one probe per node with GPUs, read once per sample.
 
-    :meth:`sample` returns the holders' use since the previous sample and a status per node. Nodes without
+    :meth:`sample` returns the holders' use since the previous sample (with :func:`coverage`'s zeros
+    and unknowns for holders NVML saw no process of) and a status per node. Nodes without
     GPUs have no probe; where no node has any, the status is the local NVML's "unknown (...)".
     """
 
@@ -236,6 +255,7 @@ class GpuMeter:
         self._probes: dict[str, object] = {}
         self._last: dict[str, list[GpuDevice]] = {}
         self.status: dict[str, str] = {}
+        self.measured: list[str] = []  # nodes whose last sample measured an interval
 
     def sample(self, gpu_nodes: Sequence[str], owners: Mapping[tuple[str, int], str], *,
                timeout_s: float = 10.0) -> dict[str, GpuUse]:
@@ -255,6 +275,7 @@ class GpuMeter:
                 ).remote(node_id)
             refs[node_id] = self._probes[node_id].read.remote()
         use: dict[str, GpuUse] = {}
+        self.measured = []
         for node_id, ref in refs.items():
             try:
                 status, rows = ray.get(ref, timeout=timeout_s)
@@ -264,9 +285,13 @@ class GpuMeter:
                 continue
             self.status[node_id] = status
             devices = [GpuDevice.from_json(r) for r in rows]
+            if node_id in self._last and status.startswith("ok"):
+                self.measured.append(node_id)
             for holder, u in gpu_use(self._last.get(node_id, []), devices, owners).items():
                 use.setdefault(holder, GpuUse(holder)).add(u)
             self._last[node_id] = devices
+        for holder, u in coverage(owners, gpu_nodes, self.measured).items():
+            use.setdefault(holder, GpuUse(holder)).add(u)
         return use
 
     def stop(self) -> None:
