@@ -60,7 +60,10 @@ def rest(ray_driver):
 
 
 @pytest.fixture(scope="module")
-def completions(serve_port, registry_versions, rest, ray_driver):
+def completions(serve_port, registry_versions, rest, ray_driver, tmp_path_factory):
+    """Deployed by the real CLI, `factory serve deploy --config args.yaml`, the way an operator does it."""
+    import yaml
+
     from aifactory.serve import deploy
     from aifactory.serve.config import (
         AdmissionConfig, AutoscalingSpec, CacheConfig, CompletionsArgs, Limits, RateLimit, SLOClassConfig,
@@ -79,10 +82,28 @@ def completions(serve_port, registry_versions, rest, ray_driver):
         cache=CacheConfig(semantic_enabled=True),
         limits=Limits(max_prompt_tokens=120, max_tokens=128),  # long enough answers to see streaming
     )
+    config = tmp_path_factory.mktemp("serve-cli") / "completions.yaml"
+    config.write_text(yaml.safe_dump(args.model_dump(mode="json", exclude={"model_name", "model_version", "home"})))
     t0 = time.monotonic()
-    deploy.deploy(rest, deploy.completions_entry(args), http_port=serve_port, wait_s=240)
-    print(f"completions deployed in {time.monotonic() - t0:.1f}s")
+    rows = _factory_json(ray_driver, "serve", "deploy", "completions", "--model", MODEL, "--version",
+                         versions[0].version, "--config", str(config), "--port", str(serve_port), timeout=300)
+    print(f"completions deployed by `factory serve deploy` in {time.monotonic() - t0:.1f}s")
+    mine = [r for r in rows if r["application"] == "completions"]
+    assert {r["deployment"] for r in mine} == {"Ingress", "Interactive", "Batch", "Canary"}, rows
+    assert all(r["status"] == "HEALTHY" for r in mine), rows
+    assert deploy.rollout_state(rest, "completions").stable_version == versions[0].version
     return f"http://127.0.0.1:{serve_port}/completions"
+
+
+def _factory_json(ray_driver, *args: str, timeout: float = 180):
+    """Run the real `factory` CLI against the session cluster; its JSON output."""
+    import json
+
+    from tests.integration.conftest import run_factory
+
+    proc = run_factory(*args, "--address", ray_driver.dashboard_url, "--format", "json", home=ray_driver.home,
+                       timeout=timeout)
+    return json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -447,6 +468,59 @@ def test_killing_a_replica_keeps_999_permille_success(completions, ray_driver):
     print(f"replica kill: {load.ok}/{total} ok, failures {load.failed[:3]}")
     assert total > 200
     assert load.ok / total >= 0.999
+
+
+def _app_status(rest) -> str | None:
+    return ((rest.details().get("applications") or {}).get("completions") or {}).get("status")
+
+
+def test_factory_serve_cli_status_canary_rollback_promote_shutdown(completions, registry_versions, rest, ray_driver):
+    """The operator's verbs through the real CLI, checking what HTTP clients get after each (runs last: it
+    changes the stable version and removes the app)."""
+    from tests.integration.conftest import run_factory
+
+    reg, versions = registry_versions
+
+    def served(n: int = 20) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        with httpx.Client(timeout=60) as client:
+            for i in range(n):  # sampled (not cached), so every answer comes from a model
+                r = client.post(f"{completions}/v1/completions", headers={"X-Tenant": "cli"},
+                                json={"model": MODEL, "prompt": f"cli {i}", "max_tokens": 2, "temperature": 0.7})
+                assert r.status_code == 200, r.text
+                fp = r.json()["system_fingerprint"]
+                seen[fp] = seen.get(fp, 0) + 1
+        return seen
+
+    def ingress_version() -> str:
+        rows = _factory_json(ray_driver, "serve", "status")
+        return next(r["version"] for r in rows if r["application"] == "completions" and r["deployment"] == "Ingress")
+
+    deadline = time.monotonic() + 120  # the replica-kill test's victim may still be being replaced
+    while time.monotonic() < deadline and _app_status(rest) != "RUNNING":
+        time.sleep(1)
+    assert _app_status(rest) == "RUNNING"
+    stable = ingress_version()  # earlier tests may have promoted another version
+    new = next(v.version for v in versions[:2] if v.version != stable)
+    assert served(6) == {f"{MODEL}:{stable}": 6}
+
+    state = _factory_json(ray_driver, "serve", "canary", new, "--percent", "50")
+    assert state == {"stable_version": stable, "canary_version": new, "canary_percent": 50.0}
+    assert ingress_version() == f"{stable} + {new}@50%"
+    assert served(20) == {f"{MODEL}:{stable}": 10, f"{MODEL}:{new}": 10}  # the split is exact per 20 requests
+
+    assert _factory_json(ray_driver, "serve", "rollback")["canary_version"] is None
+    assert served(6) == {f"{MODEL}:{stable}": 6}
+
+    _factory_json(ray_driver, "serve", "canary", new, "--percent", "10")
+    state = _factory_json(ray_driver, "serve", "promote")
+    assert state == {"stable_version": new, "canary_version": None, "canary_percent": 0.0}
+    assert served(6) == {f"{MODEL}:{new}": 6}
+    assert ingress_version() == new
+
+    run_factory("serve", "shutdown", "completions", "--address", ray_driver.dashboard_url, home=ray_driver.home)
+    assert "completions" not in {r["application"] for r in _factory_json(ray_driver, "serve", "status")}
+    assert httpx.post(f"{completions}/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=30).status_code == 404
 
 
 def test_autoscaling_adds_replicas_under_load_and_removes_them_after(serve_port):

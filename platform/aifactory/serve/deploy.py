@@ -138,8 +138,10 @@ def wait_running(rest: ServeREST, app: str, *, wait_s: float) -> dict:
         status = last.get("status")
         if status == "RUNNING":
             return last
-        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        if status == "DEPLOY_FAILED":
             raise ServeDeployError(f"application {app!r} is {status}: {last.get('message', '')[:3000]}")
+        # UNHEALTHY is waited out: Serve reports it while it replaces a dead replica (seen for several
+        # seconds after a replica process was killed), and a rollout step must not fail for that.
         time.sleep(0.5)
     raise ServeDeployError(f"application {app!r} not RUNNING after {wait_s:.0f}s (status {last.get('status')}): "
                            f"{(last.get('message') or '')[:2000]}")
