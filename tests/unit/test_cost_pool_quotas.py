@@ -102,13 +102,24 @@ def test_exported_cost_and_resource_seconds_carry_the_pool(home):
                     pool="data-cpu", quantity_s=60.0),
         UsageRecord(window_start=ws, window_end=ws + 60, tenant="alpha", resource="cpu", sku="cpu",
                     quantity_s=30.0),
+        UsageRecord(window_start=ws, window_end=ws + 60, tenant="alpha", resource="gpu", sku="H200",
+                    pool="gpu-h200", quantity_s=60.0, used_s=45.0, gpu_memory_gib_s=600.0, energy_j=21000.0),
+        UsageRecord(window_start=ws, window_end=ws + 60, tenant="beta", resource="gpu", sku="H200",
+                    pool="gpu-h200", quantity_s=60.0),  # NVML unknown: no used-GPU series
     ])
     families = {f.name: f for f in CostMetrics(home.ledger_path, home_root=home.root)._families()}
     for name in ("aifactory_cost_usd", "aifactory_resource_seconds"):
         by_pool = {s.labels["pool"]: s.value for s in families[name].samples if s.labels["tenant"] == "alpha"}
-        assert set(by_pool) == {"data-cpu", "default"}, name
-    seconds = {s.labels["pool"]: s.value for s in families["aifactory_resource_seconds"].samples}
-    assert seconds == {"data-cpu": 60.0, "default": 30.0}
+        assert set(by_pool) == {"data-cpu", "default", "gpu-h200"}, name
+    seconds = {(s.labels["pool"], s.labels["resource"], s.labels["tenant"]): s.value
+               for s in families["aifactory_resource_seconds"].samples}
+    assert seconds == {("data-cpu", "cpu", "alpha"): 60.0, ("default", "cpu", "alpha"): 30.0,
+                       ("gpu-h200", "gpu", "alpha"): 60.0, ("gpu-h200", "gpu", "beta"): 60.0}
+    # GPU use measured by NVML, by tenant and pool; the GPU's used seconds are not CPU-seconds
+    gpu = [(s.labels["tenant"], s.labels["pool"], s.value) for s in families["aifactory_used_gpu_seconds"].samples]
+    assert gpu == [("alpha", "gpu-h200", 45.0)]
+    assert [s.value for s in families["aifactory_gpu_energy_joules"].samples] == [21000.0]
+    assert [s.value for s in families["aifactory_used_cpu_seconds"].samples] == []
 
 
 def test_cli_set_quota_per_pool_keeps_the_other_limits(home, monkeypatch, capsys):
