@@ -126,8 +126,8 @@ def scenario(ray_driver, tmp_path_factory):
         time.sleep(1)
         status = ray.get(collector.flush.remote(), timeout=120)
     burst = json.loads(burst_out.read_text())
-    yield {"ledger_path": ledger_path, "jobs": records, "burst": burst, "first": first, "status": status, "t_begin": t_begin,
-           "exporter_port": exporter_port, "work": work, "cluster": cluster, "handle": handle}
+    yield {"ledger_path": ledger_path, "jobs": records, "burst": burst, "first": first, "status": status,
+           "t_begin": t_begin, "exporter_port": exporter_port, "work": work, "cluster": cluster, "handle": handle}
     serve.delete("costprobe")
     stop_collector()
 

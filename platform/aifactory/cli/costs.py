@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--hard-usd", type=float)
     s.set_defaults(func=_set_budget)
 
-    q = cmds.add_parser("set-quota", help="set a tenant's concurrent CPU/GPU quota (all pools, or --pool P) in <home>/budgets.yaml")
+    q = cmds.add_parser("set-quota",
+                        help="set a tenant's concurrent CPU/GPU quota (all pools, or --pool P) in <home>/budgets.yaml")
     q.add_argument("tenant")
     q.add_argument("--cpu", type=float)
     q.add_argument("--gpu", type=float)
