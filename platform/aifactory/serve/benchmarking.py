@@ -106,6 +106,59 @@ def interleaved(variants: dict[str, Callable[[], dict]], *, repeats: int) -> dic
     return runs
 
 
+def below_saturation(s: dict, *, capacity: int, keep_up: float = 0.95, growth: float = 1.5,
+                     slack_ms: float = 25.0) -> tuple[bool, str]:
+    """Whether an open-loop point (a :func:`~aifactory.serve.loadgen.summarize` of ``open_loop``) ran
+    below saturation, and why not. ``capacity``: the admission bound (max ongoing + max queued).
+
+    Below saturation means: nothing rejected or failed; the generator sent at the offered rate and the
+    server answered at it (both >= ``keep_up`` of it); the requests never filled the admission bound; and
+    p99 was stable: the second half of the run no slower than ``growth`` x the first (+ ``slack_ms``),
+    where a queue that grows for the whole run would show."""
+    offered = s["offered_rps"]
+    if s["rejected"] or s["errors"]:
+        return False, f"{s['rejected']} rejected, {s['errors']} failed"
+    if (s.get("sent_rps") or 0.0) < keep_up * offered:
+        return False, f"the generator sent {s.get('sent_rps') or 0:.0f} of {offered:.0f} rps"
+    if s["throughput_rps"] < keep_up * offered:
+        return False, f"answered {s['throughput_rps']:.0f} of {offered:.0f} rps"
+    if s["peak_in_flight"] >= capacity:
+        return False, f"{s['peak_in_flight']} in flight filled the admission bound ({capacity})"
+    first, second = s.get("p99_first_half_ms"), s.get("p99_second_half_ms")
+    if first is not None and second is not None and second > growth * first + slack_ms:
+        return False, f"p99 grew from {first:.0f} ms (first half) to {second:.0f} ms (second half)"
+    return True, "keeps up"
+
+
+def find_saturation(run_at: Callable[[float], dict], *, start_rps: float, capacity: int, step: float = 1.2,
+                    max_points: int = 14, log: Callable[[str], None] = print) -> tuple[float, list[dict]]:
+    """S: the highest open-loop rate that runs :func:`below_saturation`, found by raising the rate by
+    ``step`` from ``start_rps`` until a point fails twice in a row (halving first while even ``start_rps`` fails).
+    Returns S and every point measured (each with ``keeps_up`` and ``reason``)."""
+    points: list[dict] = []
+    rate, best, retried = start_rps, None, False
+    for _ in range(max_points):
+        s = run_at(rate)
+        ok, reason = below_saturation(s, capacity=capacity)
+        points.append(s | {"keeps_up": ok, "reason": reason})
+        log(f"  calibrate {rate:7.1f} rps offered: sent {s.get('sent_rps') or 0:6.1f}, answered "
+            f"{s['throughput_rps']:6.1f} rps, p99 {s['p99_ms']:6.0f} ms (halves {s.get('p99_first_half_ms') or 0:.0f}/"
+            f"{s.get('p99_second_half_ms') or 0:.0f}), peak in flight {s['peak_in_flight']}, rejected "
+            f"{s['rejected']}: {reason}")
+        if ok:
+            best, retried = rate, False
+            rate *= step
+        elif best is None:
+            rate /= 2
+        elif not retried:
+            retried = True  # one noisy point (the cores are shared) must not end the search: measure it again
+        else:
+            break
+    if best is None:
+        raise RuntimeError(f"no open-loop rate down to {rate:.1f} rps ran below saturation: {points[-1]['reason']}")
+    return best, points
+
+
 def medians(runs: list[dict]) -> dict[str, Any]:
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and v is not None]
     out = {}

@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 @dataclass
 class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
+    ok_started_s: list[float] = field(default_factory=list)  # when each answered request was sent (perf_counter)
     statuses: list[int] = field(default_factory=list)
     reject_latencies_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    offered_rps: float | None = None  # open loop: the rate asked for
+    send_s: float | None = None  # open loop: time from the first send to the last (lag shows a generator behind)
+    in_flight: int = 0
+    peak_in_flight: int = 0  # most requests outstanding at once: the server's ongoing + queued, seen from outside
 
     def summary(self) -> dict:
         return summarize(self)
@@ -47,21 +52,42 @@ def summarize(r: LoadResult) -> dict:
         "p99_ms": percentile(ok, 99) * 1e3,
         "reject_p99_ms": percentile(r.reject_latencies_s, 99) * 1e3 if r.reject_latencies_s else None,
         "wall_s": r.wall_s,
+        "offered_rps": r.offered_rps,
+        # Requests actually started per second: below offered_rps when the generator itself fell behind.
+        "sent_rps": (len(r.statuses) - 1) / r.send_s if r.send_s and len(r.statuses) > 1 else None,
+        "peak_in_flight": r.peak_in_flight,
+        **_halves(r),
     }
+
+
+def _halves(r: LoadResult) -> dict:
+    """p99 of the requests sent in the first and in the second half of the run: a queue that keeps
+    growing (load above capacity) shows as a second half much slower than the first."""
+    if len(r.ok_started_s) < 4:
+        return {"p99_first_half_ms": None, "p99_second_half_ms": None}
+    mid = percentile(r.ok_started_s, 50)
+    first = [lat for t, lat in zip(r.ok_started_s, r.latencies_s) if t <= mid]
+    second = [lat for t, lat in zip(r.ok_started_s, r.latencies_s) if t > mid]
+    return {"p99_first_half_ms": percentile(first, 99) * 1e3, "p99_second_half_ms": percentile(second, 99) * 1e3}
 
 
 async def _one(session, url: str, body: dict, headers: dict, out: LoadResult) -> None:
     t0 = time.perf_counter()
+    out.in_flight += 1
+    out.peak_in_flight = max(out.peak_in_flight, out.in_flight)
     try:
         async with session.post(url, json=body, headers=headers) as resp:
             await resp.read()
             status = resp.status
     except Exception:  # a refused/reset connection counts as a failed request, never as a success
         status = 599
+    finally:
+        out.in_flight -= 1
     dt = time.perf_counter() - t0
     out.statuses.append(status)
     if status == 200:
         out.latencies_s.append(dt)
+        out.ok_started_s.append(t0)
     elif status in (429, 503):
         out.reject_latencies_s.append(dt)
 
@@ -91,7 +117,7 @@ async def closed_loop(url: str, make_body: Callable[[int], dict], *, concurrency
 
 async def open_loop(url: str, make_body: Callable[[int], dict], *, rate_rps: float, duration_s: float,
                     max_in_flight: int = 512, headers: dict | None = None, timeout_s: float = 60.0) -> LoadResult:
-    out = LoadResult()
+    out = LoadResult(offered_rps=rate_rps)
     sem = asyncio.Semaphore(max_in_flight)
     async with _session(max_in_flight, timeout_s) as session:
         tasks = []
@@ -110,6 +136,7 @@ async def open_loop(url: str, make_body: Callable[[int], dict], *, rate_rps: flo
                     sem.release()
 
             tasks.append(asyncio.create_task(run()))
+        out.send_s = time.perf_counter() - t0
         await asyncio.gather(*tasks)
         out.wall_s = time.perf_counter() - t0
     return out

@@ -403,6 +403,7 @@ class Ingress:
     async def _sse_body(self, req: CompletionRequest, p: dict[str, Any], stream, first: GenDelta | None, *,
                         tenant: str, t0: float, timeout: float):
         status = 200
+        received, billed = 0, False
         try:
             if p["hit"] is not None:
                 async for chunk in _sse(p["hit"]):
@@ -413,6 +414,7 @@ class Ingress:
             text = TextStream(req.stop_list())
             delta = first
             while True:
+                received += len(delta.tokens)
                 piece = text.feed(delta.tokens, final=delta.result is not None)
                 if piece:
                     yield sse_chunk(head, piece)
@@ -422,17 +424,24 @@ class Ingress:
             result = delta.result
             finish = "stop" if text.stopped else result.finish_reason
             resp = self._finish(req, p, result, tenant=tenant, text=text.answer, finish=finish, head=head)
+            billed = True
             yield sse_chunk(head | {"system_fingerprint": resp.system_fingerprint}, "", finish,
                             usage=resp.usage.model_dump())
             yield DONE
         except asyncio.TimeoutError:
             status = 504
             yield sse_error(f"the model did not answer within request_timeout_s={timeout:g}s", "timeout")
+        except (GeneratorExit, asyncio.CancelledError):
+            status = 499  # the client went away mid-stream
+            raise
         except Exception as err:  # the status line went out already: report in the stream, then end it
             status = 500
             logger.exception("stream failed after its first chunk")
             yield sse_error(f"internal error: {type(err).__name__}", "internal_error")
         finally:
+            if p["hit"] is None and not billed:
+                # Cut short (timeout, error, disconnect): the tokens decoded so far were still spent.
+                self.usage.tokens(tenant, prompt=len(p["tokens"]), completion=received)
             self.usage.request(tenant, status, time.monotonic() - t0)
 
     async def _call(self, handle: DeploymentHandle, item: GenItem, slo: str, *, stream: bool = False):

@@ -1,0 +1,64 @@
+"""Saturation calibration of the overload benchmark, without Ray or HTTP: the decision and the search."""
+
+from __future__ import annotations
+
+import pytest
+
+from aifactory.serve.benchmarking import below_saturation, find_saturation
+from aifactory.serve.loadgen import LoadResult
+
+
+def _point(offered: float, **kw) -> dict:
+    s = {"offered_rps": offered, "sent_rps": offered, "throughput_rps": offered, "rejected": 0, "errors": 0,
+         "peak_in_flight": 5, "p99_ms": 50.0, "p99_first_half_ms": 50.0, "p99_second_half_ms": 55.0}
+    return s | kw
+
+
+@pytest.mark.parametrize("kw,reason", [
+    ({}, "keeps up"),
+    ({"rejected": 3}, "3 rejected"),
+    ({"sent_rps": 80.0}, "the generator sent 80 of 100"),
+    ({"throughput_rps": 70.0}, "answered 70 of 100"),
+    ({"peak_in_flight": 48}, "filled the admission bound (48)"),
+    ({"p99_second_half_ms": 400.0}, "p99 grew from 50 ms"),
+])
+def test_below_saturation_names_why_a_point_is_not(kw, reason):
+    ok, why = below_saturation(_point(100.0, **kw), capacity=48)
+    assert ok == (reason == "keeps up") and reason in why
+
+
+def test_find_saturation_climbs_until_the_server_falls_behind_and_retries_one_noisy_point():
+    capacity_rps = 130.0
+    noisy = {124}  # the first measurement at 124.4 rps is disturbed (shared cores); its retry is clean
+
+    def run_at(rate: float) -> dict:
+        key = round(rate)
+        if key in noisy:
+            noisy.discard(key)
+            return _point(rate, rejected=1)
+        return _point(rate, throughput_rps=min(rate, capacity_rps))
+
+    s, points = find_saturation(run_at, start_rps=50.0, capacity=48, step=1.2, log=lambda m: None)
+    assert s == pytest.approx(50 * 1.2 ** 5)  # 124.4 passes on its retry; 149.3 > 130 fails twice
+    assert [round(p["offered_rps"], 1) for p in points][-4:] == [124.4, 124.4, 149.3, 149.3]
+    assert [p["keeps_up"] for p in points][-4:] == [False, True, False, False]
+
+
+def test_find_saturation_halves_when_even_the_start_is_too_fast():
+    s, points = find_saturation(lambda r: _point(r, throughput_rps=min(r, 30.0)), start_rps=100.0, capacity=48,
+                                log=lambda m: None)
+    assert s <= 30.0 and not points[0]["keeps_up"]
+    with pytest.raises(RuntimeError, match="no open-loop rate"):
+        find_saturation(lambda r: _point(r, rejected=1), start_rps=10.0, capacity=48, max_points=3,
+                        log=lambda m: None)
+
+
+def test_open_loop_summary_reports_halves_and_send_rate():
+    r = LoadResult(offered_rps=10.0, send_s=0.9, wall_s=1.0, peak_in_flight=3)
+    for i in range(10):
+        r.statuses.append(200)
+        r.ok_started_s.append(i * 0.1)
+        r.latencies_s.append(0.01 if i < 5 else 0.1)  # the second half is slower: a growing queue
+    s = r.summary()
+    assert s["sent_rps"] == pytest.approx(10.0) and s["peak_in_flight"] == 3
+    assert s["p99_first_half_ms"] == pytest.approx(10.0) and s["p99_second_half_ms"] == pytest.approx(100.0)
