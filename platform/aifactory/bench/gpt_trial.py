@@ -75,7 +75,7 @@ def pin_dataset(spec: SweepSpec, home) -> SweepSpec:
     from aifactory.train.runner import pin_dataset as pin_job
 
     widest = max(spec.configurations(), key=lambda k: k.num_workers)
-    job, version = pin_job(build_job(spec, widest, seed=spec.seed), home)
+    _, version = pin_job(build_job(spec, widest, seed=spec.seed), home)
     return spec.model_copy(update={"gpt": spec.gpt.model_copy(update={"dataset_version": version.version})})
 
 
