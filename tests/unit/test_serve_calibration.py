@@ -9,7 +9,8 @@ from aifactory.serve.loadgen import LoadResult
 
 
 def _point(offered: float, **kw) -> dict:
-    s = {"offered_rps": offered, "sent_rps": offered, "throughput_rps": offered, "rejected": 0, "errors": 0,
+    s = {"offered_rps": offered, "sent_rps": offered, "answered_rps": offered, "throughput_rps": offered,
+         "rejected": 0, "errors": 0,
          "peak_in_flight": 5, "p99_ms": 50.0, "p99_first_half_ms": 50.0, "p99_second_half_ms": 55.0}
     return s | kw
 
@@ -18,7 +19,7 @@ def _point(offered: float, **kw) -> dict:
     ({}, "keeps up"),
     ({"rejected": 3}, "3 rejected"),
     ({"sent_rps": 80.0}, "the generator sent 80 of 100"),
-    ({"throughput_rps": 70.0}, "answered 70 of 100"),
+    ({"answered_rps": 70.0}, "answered 70.0 of 100.0"),
     ({"peak_in_flight": 48}, "filled the admission bound (48)"),
     ({"p99_second_half_ms": 400.0}, "p99 grew from 50 ms"),
 ])
@@ -36,7 +37,7 @@ def test_find_saturation_climbs_until_the_server_falls_behind_and_retries_one_no
         if key in noisy:
             noisy.discard(key)
             return _point(rate, rejected=1)
-        return _point(rate, throughput_rps=min(rate, capacity_rps))
+        return _point(rate, answered_rps=min(rate, capacity_rps))
 
     s, points = find_saturation(run_at, start_rps=50.0, capacity=48, step=1.2, log=lambda m: None)
     assert s == pytest.approx(50 * 1.2 ** 5)  # 124.4 passes on its retry; 149.3 > 130 fails twice
@@ -45,7 +46,7 @@ def test_find_saturation_climbs_until_the_server_falls_behind_and_retries_one_no
 
 
 def test_find_saturation_halves_when_even_the_start_is_too_fast():
-    s, points = find_saturation(lambda r: _point(r, throughput_rps=min(r, 30.0)), start_rps=100.0, capacity=48,
+    s, points = find_saturation(lambda r: _point(r, answered_rps=min(r, 30.0)), start_rps=100.0, capacity=48,
                                 log=lambda m: None)
     assert s <= 30.0 and not points[0]["keeps_up"]
     with pytest.raises(RuntimeError, match="no open-loop rate"):
@@ -61,4 +62,5 @@ def test_open_loop_summary_reports_halves_and_send_rate():
         r.latencies_s.append(0.01 if i < 5 else 0.1)  # the second half is slower: a growing queue
     s = r.summary()
     assert s["sent_rps"] == pytest.approx(10.0) and s["peak_in_flight"] == 3
+    assert s["answered_rps"] == pytest.approx(9 / 0.99)  # answers from 0.01 s to 1.0 s
     assert s["p99_first_half_ms"] == pytest.approx(10.0) and s["p99_second_half_ms"] == pytest.approx(100.0)

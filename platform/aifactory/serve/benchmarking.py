@@ -112,7 +112,7 @@ def below_saturation(s: dict, *, capacity: int, keep_up: float = 0.95, growth: f
     below saturation, and why not. ``capacity``: the admission bound (max ongoing + max queued).
 
     Below saturation means: nothing rejected or failed; the generator sent at the offered rate and the
-    server answered at it (both >= ``keep_up`` of it); the requests never filled the admission bound; and
+    server answered at it (both >= ``keep_up`` of it; answers counted from the first to the last); the requests never filled the admission bound; and
     p99 was stable: the second half of the run no slower than ``growth`` x the first (+ ``slack_ms``),
     where a queue that grows for the whole run would show."""
     offered = s["offered_rps"]
@@ -120,8 +120,8 @@ def below_saturation(s: dict, *, capacity: int, keep_up: float = 0.95, growth: f
         return False, f"{s['rejected']} rejected, {s['errors']} failed"
     if (s.get("sent_rps") or 0.0) < keep_up * offered:
         return False, f"the generator sent {s.get('sent_rps') or 0:.0f} of {offered:.0f} rps"
-    if s["throughput_rps"] < keep_up * offered:
-        return False, f"answered {s['throughput_rps']:.0f} of {offered:.0f} rps"
+    if (s.get("answered_rps") or 0.0) < keep_up * offered:
+        return False, f"answered {s.get('answered_rps') or 0:.1f} of {offered:.1f} rps"
     if s["peak_in_flight"] >= capacity:
         return False, f"{s['peak_in_flight']} in flight filled the admission bound ({capacity})"
     first, second = s.get("p99_first_half_ms"), s.get("p99_second_half_ms")
@@ -142,7 +142,7 @@ def find_saturation(run_at: Callable[[float], dict], *, start_rps: float, capaci
         ok, reason = below_saturation(s, capacity=capacity)
         points.append(s | {"keeps_up": ok, "reason": reason})
         log(f"  calibrate {rate:7.1f} rps offered: sent {s.get('sent_rps') or 0:6.1f}, answered "
-            f"{s['throughput_rps']:6.1f} rps, p99 {s['p99_ms']:6.0f} ms (halves {s.get('p99_first_half_ms') or 0:.0f}/"
+            f"{s.get('answered_rps') or 0:6.1f} rps, p99 {s['p99_ms']:6.0f} ms (halves {s.get('p99_first_half_ms') or 0:.0f}/"
             f"{s.get('p99_second_half_ms') or 0:.0f}), peak in flight {s['peak_in_flight']}, rejected "
             f"{s['rejected']}: {reason}")
         if ok:

@@ -56,8 +56,16 @@ def summarize(r: LoadResult) -> dict:
         # Requests actually started per second: below offered_rps when the generator itself fell behind.
         "sent_rps": (len(r.statuses) - 1) / r.send_s if r.send_s and len(r.statuses) > 1 else None,
         "peak_in_flight": r.peak_in_flight,
+        "answered_rps": _answer_rate(r),
         **_halves(r),
     }
+
+
+def _answer_rate(r: LoadResult) -> float | None:
+    """Answers per second between the first and the last answer: the rate the server kept up, without the
+    drain of the last requests that ``throughput_rps`` (answers over the whole wall time) includes."""
+    ends = sorted(t + lat for t, lat in zip(r.ok_started_s, r.latencies_s))
+    return (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else None
 
 
 def _halves(r: LoadResult) -> dict:
