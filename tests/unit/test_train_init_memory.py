@@ -97,3 +97,11 @@ def test_training_peak_memory_counts_the_window_not_setup():
     if meter.method.startswith("VmHWM"):
         assert meter.above_baseline() < (64 + 32) << 20
     assert meter.setup_peak_bytes is not None and meter.setup_peak_bytes >= base
+
+
+def test_pin_cpu_malloc_threshold_on_glibc():
+    import platform
+
+    from aifactory.train.parallel import pin_cpu_malloc_threshold
+
+    assert pin_cpu_malloc_threshold() is (platform.libc_ver()[0] == "glibc")

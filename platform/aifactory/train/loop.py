@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from aifactory.home import FactoryHome
     from aifactory.train import checkpoint as ckpt
     from aifactory.train.metrics import RayTrainMetrics, TrainingPeakMemory, mfu, peak_flops
-    from aifactory.train.parallel import autocast_context, build_model, current_device
+    from aifactory.train.parallel import autocast_context, build_model, current_device, pin_cpu_malloc_threshold
 
     payload = WorkerPayload.model_validate(config)  # validate again on this side of the boundary
     job = payload.job
@@ -79,6 +79,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seq_len = min(job.model.gpt.seq_len, data_seq_len - 1)  # model input; targets are shifted by one
 
     torch.manual_seed(job.seed)  # same dropout streams on every rank; the weights come from init_weights(seed)
+    # Before anything big is allocated: keeps freed per-step buffers from piling up in glibc's heap (why: there).
+    malloc_pinned = pin_cpu_malloc_threshold() if dev.device.type == "cpu" else False
     memory = TrainingPeakMemory(dev.device.type)
     memory.baseline()  # before the model exists: "above baseline" is what the model and its training add
     # Built on the meta device and initialised shard by shard: no rank materialises the full fp32 model.
@@ -180,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return {"rank": rank, "tokens_per_s": tps, "mfu": mfu(tokens_per_s=tps, flops_per_token=flops_per_token, peak=peak.flops),
                 "peak_memory_bytes": memory.peak(), "peak_memory_above_baseline_bytes": memory.above_baseline(),
                 "memory_baseline_bytes": memory.baseline_bytes, "setup_peak_memory_bytes": memory.setup_peak_bytes,
-                "peak_memory_method": memory.method, **meter.summary()}
+                "peak_memory_method": memory.method, "malloc_mmap_threshold_pinned": malloc_pinned, **meter.summary()}
 
     model.train()
     memory.start()  # setup is done: from here on the peak is the training steps' (checkpoint saves excluded)
