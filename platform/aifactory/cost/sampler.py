@@ -260,14 +260,19 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
     tasks = state.list_tasks(filters=[("state", "=", "RUNNING")], detail=True, limit=TASK_LIMIT, **kw)
     if finished_since is not None:
         # Tasks that began and ended between two samples are never seen RUNNING: take them (and the end
-        # of those that were) from the finished ones, with Ray's exact start/end times.
-        for st in ("FINISHED", "FAILED"):
-            done = state.list_tasks(filters=[("state", "=", st), ("type", "=", "NORMAL_TASK")], detail=True,
-                                    limit=TASK_LIMIT, **kw)
-            if len(done) >= TASK_LIMIT:
-                log.warning("the state API returned %d %s tasks (its limit): finished tasks beyond it are not "
-                            "metered; sample more often", len(done), st)
-            tasks = [*tasks, *done]
+        # of those that were) from the finished ones, with Ray's exact start/end times. Asked per job that
+        # ran since the cursor: the GCS filters by job and state before its limit but returns the *oldest*
+        # first, and filters by type only after it, so one cluster-wide query would drop the newest tasks
+        # once the cluster has kept more than the limit (actor tasks included).
+        for job_id in sorted({j.job_id for j in jobs if j.job_id and (not j.end_time
+                                                                    or j.end_time / 1000.0 > finished_since)}):
+            for st in ("FINISHED", "FAILED"):
+                done = state.list_tasks(filters=[("job_id", "=", job_id), ("state", "=", st)], detail=True,
+                                        limit=TASK_LIMIT, **kw)
+                if len(done) >= TASK_LIMIT:
+                    log.warning("job %s: the state API returned %d %s tasks (its limit); tasks beyond it are not "
+                                "metered", job_id, len(done), st)
+                tasks = [*tasks, *done]
     seen_holders = set()
     for holding, task in task_holdings(tasks, keys=keys, tags_of=tags_of, finished_since=finished_since):
         if holding.holder in seen_holders:  # RUNNING in one answer and finished in the next: keep the finished
