@@ -39,9 +39,20 @@ def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: Wor
         q = limits.quota
         scopes = [(None, q)]  # (pool or None for all pools, its limits)
         scopes += [(p, pq) for p, pq in sorted(q.pools.items()) if pool is None or p == pool]
+        warned: list[bool] = []
+
+        def in_use(scope: str | None) -> Mapping[str, float]:
+            held = ledger.live(tenant.tenant, max_age_s=cfg.live_max_age_s, pool=scope)
+            if held is None:
+                if not warned:
+                    log.warning("no fresh collector data for tenant %s: the quota check sees only this request",
+                                tenant.tenant)
+                    warned.append(True)
+                return {}
+            return held
+
         for scope, scope_limits in scopes:
-            check_quota(tenant.tenant, resources, scope_limits, pool=scope,
-                        in_use=lambda scope=scope: _live(ledger, tenant.tenant, cfg.live_max_age_s, scope))
+            check_quota(tenant.tenant, resources, scope_limits, pool=scope, in_use=lambda scope=scope: in_use(scope))
     b = limits.budget
     if b is not None and (b.hard_usd is not None or b.soft_usd is not None):
         from aifactory.cost.pricebook import load_price_book
@@ -75,14 +86,6 @@ def check_quota(tenant: str, resources: Mapping[str, float], limits, *, pool: st
         held = float(held_by.get(field, 0.0))
         if held + float(amount) > limit:
             raise QuotaExceeded(tenant, field.upper(), float(amount), float(limit), held, pool=pool)
-
-
-def _live(ledger, tenant: str, max_age_s: float, pool: str | None) -> Mapping[str, float]:
-    in_use = ledger.live(tenant, max_age_s=max_age_s, pool=pool)
-    if in_use is None:
-        log.warning("no fresh collector data for tenant %s: the quota check sees only this request", tenant)
-        return {}
-    return in_use
 
 
 def admission_check(home) -> Callable[[TenantRef, Mapping[str, float], WorkloadKind], None]:
