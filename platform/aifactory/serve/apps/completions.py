@@ -7,9 +7,12 @@ Deployments (one application)::
       |-- Batch        ModelServer: large batches, long window, deep queue, own autoscaling
       `-- Canary       ModelServer: the canary version (or the stable one while no canary runs)
 
-The SLO class comes from the ``X-SLO-Class`` header or the route (``/batch/v1/completions``). Rollout
-(canary percentage, promote, rollback) and weight swaps are ``user_config`` changes applied by declarative
-updates (``aifactory.serve.deploy``), which reconfigure replicas in place instead of restarting them.
+Model calls go through one ``@serve.batch`` async generator per ModelServer that yields every decode step:
+``stream: true`` requests forward each step's text as an SSE chunk at once, plain requests wait for the
+last step; both share the same batches. The SLO class comes from the ``X-SLO-Class`` header or the route
+(``/batch/v1/completions``). Rollout (canary percentage, promote, rollback) and weight swaps are
+``user_config`` changes applied by declarative updates (``aifactory.serve.deploy``), which reconfigure
+replicas in place instead of restarting them.
 """
 
 
