@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                  "the RSS high-water mark (VmHWM, reset after setup); 'above baseline' subtracts the worker's RSS just "
                  "before the model was built (torch/Ray runtime, ~0.4-0.5 GB per process) and is what the target "
                  "compares; 'absolute' includes it. Both variants build the model on the meta device and start from "
-                 "the same seeded weights. "
+                 "the same seeded weights. CPU workers pin glibc's mmap threshold (aifactory.train.parallel."
+                 "pin_cpu_malloc_threshold): without it FSDP2's per-step buffers stayed in the heap and RSS grew every step. "
                  "bf16 on this CPU has no faster kernels than fp32, so tokens/s says nothing about GPU speed-ups.",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
