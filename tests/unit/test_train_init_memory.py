@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -40,24 +39,24 @@ def test_init_weights_depends_on_the_seed_alone():
     assert a["blocks.0.mlp.down.weight"].std() < a["blocks.0.mlp.up.weight"].std()
 
 
-def _sharded_worker(rank: int, world: int, port: int, sharding: str, out_dir: str) -> None:
+def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     from aifactory.train.checkpoint import consolidated_model_state
     from aifactory.train.parallel import build_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = build_model(CFG, sharding=sharding, precision="bf16-mixed", device=torch.device("cpu"), seed=5)
-        assert not any(p.is_meta for p in model.parameters())
-        if sharding == "fsdp":
-            from torch.distributed.tensor import DTensor
-
-            local = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
-            assert local < CFG.num_params()  # each rank holds a shard, not the model
-        full = consolidated_model_state(model)
-        if rank == 0:
-            torch.save(full, os.path.join(out_dir, f"{sharding}.pt"))
+        for sharding in ("fsdp", "ddp"):  # one process group for both: process start-up is the slow part
+            model = build_model(CFG, sharding=sharding, precision="bf16-mixed", device=torch.device("cpu"), seed=5)
+            assert not any(p.is_meta for p in model.parameters())
+            if sharding == "fsdp":
+                local = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
+                assert local < CFG.num_params()  # each rank holds a shard, not the model
+            full = consolidated_model_state(model)
+            if rank == 0:
+                torch.save(full, os.path.join(out_dir, f"{sharding}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -68,17 +67,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharding", ["fsdp", "ddp"])
-def test_meta_build_sharded_on_two_ranks_equals_eager_init(tmp_path, sharding):
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), sharding, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    got = torch.load(tmp_path / f"{sharding}.pt", weights_only=True)
+def test_meta_build_sharded_on_two_ranks_equals_eager_init(tmp_path):
+    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     want = _eager(5)
-    if sharding == "ddp":
-        got = {k.removeprefix("module."): v for k, v in got.items()}
-    assert got.keys() == want.keys()
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    for sharding in ("fsdp", "ddp"):
+        got = torch.load(tmp_path / f"{sharding}.pt", weights_only=True)
+        got = {k.removeprefix("module."): v for k, v in got.items()}  # DDP's wrapper prefix
+        assert got.keys() == want.keys(), sharding
+        for k in want:
+            assert torch.equal(got[k], want[k]), (sharding, k)
 
 
 def test_training_peak_memory_counts_the_window_not_setup():
