@@ -184,6 +184,26 @@ def test_serve_completions_sweep_drives_the_real_app(bench_artifacts, serve_http
     print(f"serve-completions sweep: {time.monotonic() - t0:.1f}s")
 
 
+def test_serve_embeddings_sweep_drives_the_real_minilm_app(ray_driver, serve_http_port):
+    from aifactory.bench.runner import run_sweep
+    from aifactory.bench.spec import find_spec
+    from aifactory.home import FactoryHome
+
+    spec = find_spec("serve-embeddings", overrides={
+        "serving.max_batch_size": [8], "load.num_requests": 12, "load.concurrency": 4, "load.warmup_requests": 4,
+        "embeddings.inputs_per_request": 2})
+    t0 = time.monotonic()
+    outcome = run_sweep(spec, home=FactoryHome.from_env(ray_driver.home))
+    trials = outcome.trials
+    assert len(trials) == 3 and all(t.status == "ok" for t in trials), [t.error for t in trials]
+    for t in trials:
+        m = t.metrics
+        assert m["num_ok"] == 12 and m["num_errors"] == 0 and m["inputs"] == 24, m["status_counts"]
+        assert m["tokens"] >= 24 * 3  # MiniLM counts [CLS] and [SEP] plus at least one token per text
+        assert m["tokens_per_s"] > 0 and m["cost_per_1m_tokens_usd"] > 0 and m["cost_per_1k_requests_usd"] > 0
+    print(f"serve-embeddings sweep: {time.monotonic() - t0:.1f}s")
+
+
 def test_train_gpt_sweep_runs_the_real_trainer_to_a_target(bench_artifacts):
     from aifactory.bench.runner import run_sweep
     from aifactory.bench.spec import find_spec

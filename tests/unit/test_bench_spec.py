@@ -21,8 +21,8 @@ def _serving(**kw):
 
 
 def test_shipped_specs_exist_and_include_smoke():
-    assert {"smoke", "serve-batching", "train-knobs", "train-smoke", "serve-completions", "train-gpt"} <= {
-        p.stem for p in SHIPPED}
+    assert {"smoke", "serve-batching", "train-knobs", "train-smoke", "serve-completions", "serve-embeddings",
+            "train-gpt"} <= {p.stem for p in SHIPPED}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -212,7 +212,7 @@ def test_cost_per_million_tokens_and_its_absence():
     from aifactory.cost.pricebook import load_price_book
 
     book = load_price_book()
-    m = {"num_ok": 100, "replica_cpu_s": 10.0, "completion_tokens": 1600}
+    m = {"num_ok": 100, "replica_cpu_s": 10.0, "tokens": 1600}
     out = price_outcomes(m, family="serving", book=book, region="local", tenant="t")
     assert out["cost_per_1m_tokens_usd"] == pytest.approx(out["cost_usd"] / 1600 * 1e6)
     assert out["cost_per_1m_tokens_usd"] > 0
@@ -224,3 +224,20 @@ def test_cost_per_million_tokens_and_its_absence():
                          family="training", book=book, region="local", tenant="t")
     assert gpt["unavailable"]["time_to_quality_s"] == "checkpoint gone"
     assert gpt["cost_per_validated_checkpoint_usd"] is None
+
+
+def test_embeddings_kind_has_one_slo_class_and_its_args_carry_the_knobs():
+    from aifactory.bench.embeddings_trial import embeddings_args
+    from aifactory.bench.spec import ServingKnobs
+
+    data = {"name": "e", "kind": "serve-embeddings", "tenant": {"tenant": "t"}, "replica_num_cpus": 0.5,
+            "serving": {"max_batch_size": [1, 64], "batch_wait_timeout_s": [0.01], "num_replicas": [2]},
+            "embeddings": {"inputs_per_request": 200}}
+    spec = parse_config(SweepSpec, data, source="spec")
+    assert spec.per_trial_cpus(spec.trials()[0].knobs) == pytest.approx(1.5)  # trial 0.5 + 2 replicas x 0.5
+    args = embeddings_args(spec, ServingKnobs(max_batch_size=64, batch_wait_timeout_s=0.01, num_replicas=2))
+    assert (args.batching.max_batch_size, args.batching.batch_wait_timeout_s) == (64, 0.01)
+    assert args.autoscaling.min_replicas == args.autoscaling.max_replicas == 2 and not args.autoscaling.slo_aware
+    assert args.num_cpus == 0.5 and args.max_inputs >= 200 and args.admission.default_rate_limit is None
+    with pytest.raises(ConfigError, match="serving.slo_class: the embeddings app has one class"):
+        parse_config(SweepSpec, {**data, "serving": {**data["serving"], "slo_class": ["batch"]}}, source="spec")

@@ -75,9 +75,7 @@ def completions_args(spec: SweepSpec, knobs: ServingKnobs, *, home_root: str | N
 
 
 def serve_completions_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
-    from aifactory.bench.context import EnergyMeter
-    from aifactory.bench.loadgen import drive_load
-    from aifactory.bench.trials import app_name, ensure_app
+    from aifactory.bench.trials import app_name, ensure_app, measure_load
     from aifactory.home import FactoryHome
     from aifactory.registry import ModelRegistry
 
@@ -109,15 +107,7 @@ def serve_completions_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[st
         tokens["prompt"] += int(usage.get("prompt_tokens") or 0)
         tokens["completion"] += int(usage.get("completion_tokens") or 0)
 
-    load = spec.load
-    if load.warmup_requests:
-        drive_load(url, body, num_requests=load.warmup_requests, concurrency=load.concurrency,
-                   timeout_s=load.request_timeout_s, headers=headers)
-    meter = EnergyMeter()
-    meter.start()
-    result = drive_load(url, body, num_requests=load.num_requests, concurrency=load.concurrency,
-                        timeout_s=load.request_timeout_s, headers=headers, on_ok=count)
-    energy_j = meter.stop_joules()
+    result, energy_j, energy_note = measure_load(spec, url, body, headers=headers, on_ok=count)
     metrics: dict[str, Any] = result.metrics()
     app_cpus = knobs.num_replicas * spec.replica_num_cpus + COMPLETIONS_INGRESS_CPUS + 2 * c.idle_num_cpus
     metrics.update(
@@ -126,11 +116,12 @@ def serve_completions_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[st
         model_version=mv.ref,
         prompt_tokens=tokens["prompt"],
         completion_tokens=tokens["completion"],
+        tokens=tokens["completion"],  # the unit of work priced per 1M tokens: generated tokens
         tokens_per_s=tokens["completion"] / result.wall_s if result.wall_s > 0 else None,
         # Every replica of the app (ingress and idle deployments included) is what the service costs.
         replica_cpu_s=app_cpus * result.wall_s,
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
         energy_j=energy_j,
-        energy_note=meter.note if energy_j is None else "",
+        energy_note=energy_note,
     )
     return metrics

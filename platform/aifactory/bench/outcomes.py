@@ -6,7 +6,8 @@ useful outcome:
 
 - serving: ``cost_per_1k_requests_usd`` (replica resource-seconds over successful requests; the load
   generator is not part of the service), ``requests_per_usd``, and for token-generating apps
-  ``cost_per_1m_tokens_usd`` (over the generated tokens the answers reported);
+  ``cost_per_1m_tokens_usd`` (over ``tokens``, the answers' reported tokens: generated ones for completions,
+  embedded ones for embeddings);
 - training: ``cost_per_validated_checkpoint_usd`` (the run's resources until the validation-loss target
   was reached; None when it was not, since no validated checkpoint exists), ``samples_per_usd``;
 - both: ``*_per_joule`` from NVML energy where a GPU measured it.
@@ -56,11 +57,11 @@ def price_outcomes(metrics: dict[str, Any], *, family: str, book: PriceBook | No
         out["requests_per_usd"] = ok / cost if cost else None
         if cost is None:
             missing.setdefault("requests_per_usd", missing["cost_per_1k_requests_usd"])
-        generated = metrics.get("completion_tokens")
-        out["cost_per_1m_tokens_usd"] = cost / generated * 1e6 if cost is not None and generated else None
+        tokens = metrics.get("tokens")  # the app's unit of work: generated (completions) or embedded tokens
+        out["cost_per_1m_tokens_usd"] = cost / tokens * 1e6 if cost is not None and tokens else None
         if out["cost_per_1m_tokens_usd"] is None:
             missing["cost_per_1m_tokens_usd"] = (
-                "the app reports no token counts" if generated is None else "no tokens generated" if not generated
+                "the app reports no token counts" if tokens is None else "no tokens processed" if not tokens
                 else missing["cost_per_1k_requests_usd"])
     else:
         samples = metrics.get("samples") or 0

@@ -31,6 +31,8 @@ class TrialKind(str, enum.Enum):
     SERVE_COMPLETIONS = "serve-completions"
     """The real completions app (aifactory.serve.apps.completions) on a registry model version, under
     POST /v1/completions load."""
+    SERVE_EMBEDDINGS = "serve-embeddings"
+    """The real MiniLM embeddings app (aifactory.serve.apps.embeddings) under POST /v1/embeddings load."""
     TRAIN_GPT = "train-gpt"
     """A short aifactory.train run of the real GPT on a data-plane dataset version, to a validation-loss target."""
 
@@ -124,6 +126,17 @@ class CompletionsTrialSpec(StrictModel):
                                         "the canary: one idle replica each).")
 
 
+class EmbeddingsTrialSpec(StrictModel):
+    """What a ``serve-embeddings`` trial sends (the knobs come from the serving grid; the app has one SLO class)."""
+
+    texts: list[str] = Field(
+        default=["def add(a, b): return a + b", "how do I read a file in Python?", "a quick brown fox",
+                 "import numpy as np", "the cluster ran out of memory", "SELECT * FROM users WHERE id = 1",
+                 "embeddings map text to vectors", "retry the request after a short wait"],
+        min_length=1, description="Texts the load cycles through.")
+    inputs_per_request: int = Field(default=1, ge=1, le=256, description="Texts in one request's `input` list.")
+
+
 class GPTTrialSpec(StrictModel):
     """What a ``train-gpt`` trial trains: a recipe's model and optimizer, on a data-plane dataset version."""
 
@@ -170,6 +183,8 @@ class SweepSpec(StrictModel):
     completions: CompletionsTrialSpec = Field(
         default_factory=CompletionsTrialSpec, description="Model version and requests of serve-completions.")
     gpt: GPTTrialSpec = Field(default_factory=GPTTrialSpec, description="Recipe and dataset of train-gpt.")
+    embeddings: EmbeddingsTrialSpec = Field(
+        default_factory=EmbeddingsTrialSpec, description="Requests of serve-embeddings.")
     train: TrainRunSpec | None = Field(default=None, description="Length and target of a training trial.")
     slo: SLOTarget = Field(default_factory=SLOTarget, description="SLO the report recommends a configuration for.")
     replica_num_cpus: float = Field(default=0.5, gt=0, description="CPUs each Serve replica reserves.")
@@ -198,12 +213,16 @@ class SweepSpec(StrictModel):
                 problems.append(f"serving: kind={self.kind.value!r} is a training kind; remove the serving grid")
         # A section of another kind is a mistake (a copied spec), not something to ignore silently.
         owners = {"model": (TrialKind.SERVE_MLP, TrialKind.TRAIN_MLP), "completions": (TrialKind.SERVE_COMPLETIONS,),
-                  "gpt": (TrialKind.TRAIN_GPT,)}
+                  "gpt": (TrialKind.TRAIN_GPT,), "embeddings": (TrialKind.SERVE_EMBEDDINGS,)}
         for section, kinds in owners.items():
             # Compared with the default, not model_fields_set: the spec travels to trials as full JSON.
             if self.kind not in kinds and getattr(self, section) != type(self).model_fields[section].default_factory():
                 problems.append(f"{section}: only used by kind {' / '.join(k.value for k in kinds)}, "
                                 f"not {self.kind.value!r}; remove it")
+        if (self.kind is TrialKind.SERVE_EMBEDDINGS and self.serving is not None
+                and self.serving.slo_class != [SLOClass.INTERACTIVE]):
+            problems.append(f"serving.slo_class: the embeddings app has one class; use [interactive], "
+                            f"not {[c.value for c in self.serving.slo_class]}")
         if (self.kind is TrialKind.TRAIN_GPT and self.train is not None
                 and self.train.max_seconds != TrainRunSpec.model_fields["max_seconds"].default):
             problems.append("train.max_seconds: train-gpt runs are bounded by train.max_steps (aifactory.train "

@@ -8,6 +8,7 @@ they do not price (pricing happens on the driver from the recorded resource-seco
   HTTP load at 127.0.0.1, report throughput and p50/p95/p99.
 - ``train-mlp``: see :mod:`aifactory.bench.train_trial`.
 - ``serve-completions``: the real completions app, see :mod:`aifactory.bench.completions_trial`.
+- ``serve-embeddings``: the real MiniLM embeddings app, see :mod:`aifactory.bench.embeddings_trial`.
 - ``train-gpt``: a real :mod:`aifactory.train` run, see :mod:`aifactory.bench.gpt_trial`.
 """
 
@@ -53,6 +54,10 @@ def run_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, A
         from aifactory.bench.completions_trial import serve_completions_trial
 
         metrics = serve_completions_trial(spec, trial, env)
+    elif spec.kind is TrialKind.SERVE_EMBEDDINGS:
+        from aifactory.bench.embeddings_trial import serve_embeddings_trial
+
+        metrics = serve_embeddings_trial(spec, trial, env)
     elif spec.kind is TrialKind.TRAIN_GPT:
         from aifactory.bench.gpt_trial import train_gpt_trial
 
@@ -84,9 +89,25 @@ def ensure_app(trial: TrialConfig, env: TrialEnv, build: Callable[[], Any]) -> f
     return time.perf_counter() - t0
 
 
-def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, Any]:
+def measure_load(spec: SweepSpec, url: str, body: Callable[[int], Any], *, headers: dict[str, str] | None = None,
+                 on_ok: Callable[[Any], None] | None = None):
+    """The spec's warm-up, then its measured load (energy metered where NVML exists); ``on_ok`` sees only the
+    measured answers. Returns ``(LoadResult, energy_j, energy_note)``."""
     from aifactory.bench.loadgen import drive_load
 
+    load = spec.load
+    if load.warmup_requests:
+        drive_load(url, body, num_requests=load.warmup_requests, concurrency=load.concurrency,
+                   timeout_s=load.request_timeout_s, headers=headers)
+    meter = EnergyMeter()
+    meter.start()
+    result = drive_load(url, body, num_requests=load.num_requests, concurrency=load.concurrency,
+                        timeout_s=load.request_timeout_s, headers=headers, on_ok=on_ok)
+    energy_j = meter.stop_joules()
+    return result, energy_j, meter.note if energy_j is None else ""
+
+
+def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, Any]:
     if env.http_port is None:
         raise RuntimeError("serving trials need Serve's HTTP port; the runner starts Serve first")
     def build():
@@ -103,14 +124,7 @@ def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[
     def body(i: int) -> dict[str, Any]:
         return {"inputs": pool[i % len(pool)]}
 
-    if spec.load.warmup_requests:
-        drive_load(url, body, num_requests=spec.load.warmup_requests, concurrency=spec.load.concurrency,
-                   timeout_s=spec.load.request_timeout_s)
-    meter = EnergyMeter()
-    meter.start()
-    result = drive_load(url, body, num_requests=spec.load.num_requests, concurrency=spec.load.concurrency,
-                        timeout_s=spec.load.request_timeout_s)
-    energy_j = meter.stop_joules()
+    result, energy_j, energy_note = measure_load(spec, url, body)
     metrics: dict[str, Any] = result.metrics()
     replicas = trial.knobs["num_replicas"]
     metrics.update(
@@ -120,6 +134,6 @@ def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[
         replica_cpu_s=replicas * spec.replica_num_cpus * result.wall_s,
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
         energy_j=energy_j,
-        energy_note=meter.note if energy_j is None else "",
+        energy_note=energy_note,
     )
     return metrics
