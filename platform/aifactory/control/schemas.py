@@ -58,7 +58,7 @@ class JobStopped(BaseModel):
 
 class LimitsUpdate(StrictModel):
     budget: dict[str, Any] | None = Field(default=None, description="Budget: {period, soft_usd, hard_usd}.")
-    quota: dict[str, Any] | None = Field(default=None, description="Quota: {cpu, gpu} held at once.")
+    quota: dict[str, Any] | None = Field(default=None, description="Quota held at once: {cpu, gpu} over all pools, and pools: {POOL: {cpu, gpu}}.")
 
 
 class KeyCreate(StrictModel):
