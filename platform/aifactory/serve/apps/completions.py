@@ -83,6 +83,14 @@ async def _sse(resp: CompletionResponse):
     yield "data: [DONE]\n\n"
 
 
+_DRAINING: set = set()
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
 def _cache_info(cache, tenant: str | None = None) -> dict | None:
     """Entries and hit counts of one response cache: all tenants', or only ``tenant``'s."""
     if cache is None:
@@ -186,8 +194,15 @@ class ModelServer:
                 yield delta
 
     async def generate(self, item: GenItem) -> GenResult:
-        async for delta in self._steps(item):
+        steps = self._steps(item)
+        async for delta in steps:
             if delta is not None and delta.result is not None:
+                # Answer now, but let the batch's generator end this caller's stream (its StopIteration
+                # comes with the next decode step): a stream left unconsumed leaves a future whose
+                # StopAsyncIteration nobody retrieves, which asyncio logs on every request.
+                task = asyncio.get_running_loop().create_task(_drain(steps))
+                _DRAINING.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(_DRAINING.discard)
                 return delta.result
         raise RuntimeError("the decoder ended without a result")  # the engine always finishes each row
 
