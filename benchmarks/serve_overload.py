@@ -6,7 +6,7 @@ The batched MiniLM embeddings app runs with a bounded queue (max_ongoing_request
 excess answered 429 + Retry-After by Serve). Saturation S is calibrated with the same open-loop generator
 the comparison uses (a closed-loop estimate overshoots it: the generator shares the cores): rates rise from
 a fraction of the closed-loop estimate until a point no longer runs below saturation (rejections, the
-generator or the server falling behind the offered rate, the admission bound filled, or p99 growing over
+generator or the server falling behind the offered rate, the admission bound filled, or the median latency growing over
 the run; see ``aifactory.serve.benchmarking.below_saturation``). With ``--admission sized`` (default) the
 bound on requests in flight is then set by Little's law to S x (2 x the p99 measured at 0.8 S), since a
 full bound of C requests served at S waits C / S; ``fixed`` keeps the flags. Then 0.8 S and 2 S alternate; 0.8 S must

@@ -11,7 +11,8 @@ from aifactory.serve.loadgen import LoadResult
 def _point(offered: float, **kw) -> dict:
     s = {"offered_rps": offered, "sent_rps": offered, "answered_rps": offered, "throughput_rps": offered,
          "rejected": 0, "errors": 0,
-         "peak_in_flight": 5, "p99_ms": 50.0, "p99_first_half_ms": 50.0, "p99_second_half_ms": 55.0}
+         "peak_in_flight": 5, "p99_ms": 50.0, "p50_first_half_ms": 20.0, "p50_second_half_ms": 25.0,
+         "answers_per_half": 100}
     return s | kw
 
 
@@ -21,7 +22,8 @@ def _point(offered: float, **kw) -> dict:
     ({"sent_rps": 80.0}, "the generator sent 80 of 100"),
     ({"answered_rps": 70.0}, "answered 70.0 of 100.0"),
     ({"peak_in_flight": 48}, "filled the admission bound (48)"),
-    ({"p99_second_half_ms": 400.0}, "p99 grew from 50 ms"),
+    ({"p50_second_half_ms": 400.0}, "median latency grew from 20 ms"),
+    ({"p50_second_half_ms": 400.0, "answers_per_half": 5}, "keeps up"),  # too few answers to judge
 ])
 def test_below_saturation_names_why_a_point_is_not(kw, reason):
     ok, why = below_saturation(_point(100.0, **kw), capacity=48)
@@ -64,3 +66,5 @@ def test_open_loop_summary_reports_halves_and_send_rate():
     assert s["sent_rps"] == pytest.approx(10.0) and s["peak_in_flight"] == 3
     assert s["answered_rps"] == pytest.approx(9 / 0.99)  # answers from 0.01 s to 1.0 s
     assert s["p99_first_half_ms"] == pytest.approx(10.0) and s["p99_second_half_ms"] == pytest.approx(100.0)
+    assert s["p50_first_half_ms"] == pytest.approx(10.0) and s["p50_second_half_ms"] == pytest.approx(100.0)
+    assert s["answers_per_half"] == 5

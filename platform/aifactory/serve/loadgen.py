@@ -69,14 +69,17 @@ def _answer_rate(r: LoadResult) -> float | None:
 
 
 def _halves(r: LoadResult) -> dict:
-    """p99 of the requests sent in the first and in the second half of the run: a queue that keeps
-    growing (load above capacity) shows as a second half much slower than the first."""
+    """Median and p99 latency of the requests sent in the first and in the second half of the run: a queue
+    that keeps growing (load above capacity) shows as a second half much slower than the first."""
     if len(r.ok_started_s) < 4:
-        return {"p99_first_half_ms": None, "p99_second_half_ms": None}
+        return {k: None for k in ("p50_first_half_ms", "p50_second_half_ms", "p99_first_half_ms",
+                                  "p99_second_half_ms", "answers_per_half")}
     mid = percentile(r.ok_started_s, 50)
     first = [lat for t, lat in zip(r.ok_started_s, r.latencies_s) if t <= mid]
     second = [lat for t, lat in zip(r.ok_started_s, r.latencies_s) if t > mid]
-    return {"p99_first_half_ms": percentile(first, 99) * 1e3, "p99_second_half_ms": percentile(second, 99) * 1e3}
+    return {"p50_first_half_ms": percentile(first, 50) * 1e3, "p50_second_half_ms": percentile(second, 50) * 1e3,
+            "p99_first_half_ms": percentile(first, 99) * 1e3, "p99_second_half_ms": percentile(second, 99) * 1e3,
+            "answers_per_half": min(len(first), len(second))}
 
 
 async def _one(session, url: str, body: dict, headers: dict, out: LoadResult) -> None:
