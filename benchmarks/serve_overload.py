@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 
 from aifactory.serve.benchmarking import (
-    bar_chart, context, find_saturation, interleaved, medians, prepare_auth, private_cluster, write_results,
+    bar_chart, below_saturation, context, find_saturation, interleaved, medians, prepare_auth, private_cluster,
+    write_results,
 )
 from aifactory.serve.config import AutoscalingSpec, BatchingConfig, EmbeddingsArgs
 from aifactory.serve.loadgen import closed_loop, open_loop
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{admission['max_ongoing_requests']} ongoing + {admission['max_queued_requests']} queued", flush=True)
             serve.run(app_builder(app_args(admission["max_ongoing_requests"], admission["max_queued_requests"])),
                       name="embeddings", route_prefix="/embeddings")
+            # HAProxy drains the replaced replica for a fixed 30 s (RAY-2.60-NOTES): measure after that.
+            time.sleep(35)
             asyncio.run(closed_loop(url, body, concurrency=4, total=40))  # warm the new replica
         runs = interleaved({"0.8x": lambda: open_at(0.8 * s_rps, a.duration),
                             "2x": lambda: open_at(2.0 * s_rps, a.duration)}, repeats=a.repeats)
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     low, high = med["0.8x"], med["2x"]
     low_clean = all(r["rejected"] == 0 and r["errors"] == 0 for r in runs["0.8x"])
     low_peak = max(r["peak_in_flight"] for r in runs["0.8x"])
+    # 0.8 S must still run below saturation when compared (the host's load may have risen since calibration).
+    low_checks = [below_saturation(r, capacity=capacity) for r in runs["0.8x"]]
+    low_below = all(ok for ok, _ in low_checks)
     # 2 S must overload the server; if it did not, the cores got faster since calibration (other work on the
     # host stopped) and the comparison says nothing: flag it rather than claim the target.
     high_saturated = all(r["rejected"] > 0 or (r.get("answered_rps") or 0) < 0.95 * r["offered_rps"]
@@ -106,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         "closed_loop_estimate": closed, "calibration": calibration, "saturation_rps": s_rps,
         "runs": runs, "median": med,
         "check_0_8x": {"nothing_rejected": low_clean, "peak_in_flight": low_peak,
-                       "queue_short": low_clean and low_peak <= admission["max_ongoing_requests"]},
+                       "queue_short": low_clean and low_peak <= admission["max_ongoing_requests"],
+                       "below_saturation": low_below, "reasons": [why for _, why in low_checks]},
         "check_2x": {"saturated": high_saturated},
-        "valid": high_saturated and low_clean,
+        "valid": high_saturated and low_below,
         "p99_ratio_2x_over_0_8x": high["p99_ms"] / low["p99_ms"],
         "rejected_fraction_2x": high["rejected"] / max(1, high["requests"]),
-        "target_met": high_saturated and low_clean and high["p99_ms"] <= 2 * low["p99_ms"],
+        "target_met": high_saturated and low_below and high["p99_ms"] <= 2 * low["p99_ms"],
     }
     path = write_results("serve_overload", result, out_dir=a.out)
     bar_chart(Path(a.out) / "serve_overload.png", f"Overload with admission control ({a.ingress} ingress), "
@@ -120,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                ("rejected", "rejected (429) per run")])
     print(f"0.8 S = {0.8 * s_rps:.0f} rps offered: answered {low['throughput_rps']:.0f} rps, p99 {low['p99_ms']:.0f} ms, "
           f"rejected {low['rejected']:.0f}, peak in flight {low_peak} "
-          f"({'queue short' if result['check_0_8x']['queue_short'] else 'NOT below saturation'})")
+          f"({'below saturation' if low_below else 'NOT below saturation'})")
     print(f"2 S = {2 * s_rps:.0f} rps offered: answered {high['throughput_rps']:.0f} rps, p99 {high['p99_ms']:.0f} ms, "
           f"rejected {high['rejected']:.0f} of {high['requests']:.0f} (reject p99 {high.get('reject_p99_ms') or 0:.0f} ms)")
     if not result["valid"]:
         print("INVALID comparison: " + ("2 S did not saturate the server (the host's load changed since "
                                         "calibration); " if not high_saturated else "")
-              + ("0.8 S rejected requests" if not low_clean else ""))
+              + ("0.8 S was not below saturation when compared: " + "; ".join(why for _, why in low_checks)
+                 if not low_below else ""))
     print(f"p99 ratio 2 S / 0.8 S: {result['p99_ratio_2x_over_0_8x']:.2f}, target (<= 2) "
           f"{'met' if result['target_met'] else 'NOT met'}")
     print(f"wrote {path}")
