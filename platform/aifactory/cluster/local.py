@@ -146,6 +146,9 @@ class LocalCluster:
             # The dashboard agent defaults to the fixed port 52365: a second cluster on the host then has no
             # agent and refuses job submissions ("No available agent"). Give each head its own port.
             f"--dashboard-agent-listen-port={_any_free_port()}",
+            # Likewise the Ray Client server's fixed 10001. It names the GCS address, not the temp dir, in
+            # its command line, so `down` finds it by that (left behind, it outlived its cluster).
+            f"--ray-client-server-port={_any_free_port()}",
             f"--num-cpus={cpus}",
             f"--num-gpus={gpus}",
             f"--temp-dir={self.temp_dir}",
@@ -175,7 +178,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while not self.is_alive(state):
             if time.monotonic() > deadline:
-                self._kill_processes(state.temp_dir)
+                self._kill_processes(state.temp_dir, gcs_address=state.gcs_address)
                 raise ClusterError(f"the Ray head did not answer at {state.dashboard_url} within {timeout_s:.0f} s; see {log}")
             time.sleep(0.5)
         tmp = self.state_path.with_suffix(".tmp")
@@ -188,20 +191,23 @@ class LocalCluster:
         state = self.state()
         if state is None:
             return bool(self._kill_processes(self.temp_dir, timeout_s))
-        killed = self._kill_processes(state.temp_dir, timeout_s)
+        killed = self._kill_processes(state.temp_dir, timeout_s, gcs_address=state.gcs_address)
         self.state_path.unlink(missing_ok=True)
         return killed > 0
 
     @staticmethod
-    def _kill_processes(temp_dir: str, timeout_s: float = 20.0) -> int:
-        """Terminate every process whose command line names ``temp_dir``, with all their children."""
+    def _kill_processes(temp_dir: str, timeout_s: float = 20.0, *, gcs_address: str | None = None) -> int:
+        """Terminate every process whose command line names ``temp_dir`` (or ``--address=<gcs_address>``, the
+        Ray Client server), with all their children."""
         import psutil
 
         marker = temp_dir.rstrip("/") + "/"
+        address_arg = f"--address={gcs_address}" if gcs_address else None
         roots = []
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                if any(marker in arg or arg.endswith(temp_dir) for arg in proc.info["cmdline"] or []):
+                if any(marker in arg or arg.endswith(temp_dir) or arg == address_arg
+                       for arg in proc.info["cmdline"] or []):
                     roots.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
