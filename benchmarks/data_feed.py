@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from aifactory.cluster.connect import apply_ray_env, ensure_token, init_ray, resolve_address
+    from aifactory.cluster.local import free_port  # an embedded cluster must not collide with one on 8265
     from aifactory.data.feed import iter_token_batches, read_split
     from aifactory.data.feedbench import compute_step_fn, measure, parquet_token_loader, timed
     from aifactory.data.ingest import IngestConfig, ingest
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if address is None:
         ensure_token(home)
     apply_ray_env(home)  # before Ray's first import: it reads RAY_AUTH_MODE once, then
-    init_ray(home, address=address, num_cpus=args.num_cpus, dashboard_port=_free_port(),
+    init_ray(home, address=address, num_cpus=args.num_cpus, dashboard_port=free_port(),
              job_metadata=job_metadata(tenant, workload=WorkloadKind.BENCH, extra={"entrypoint": "benchmarks.data_feed"}))
     import ray
 
@@ -110,14 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ray_data / torch_dataloader rows/s = {ratio:.2f} (target >= 0.9); "
           f"ray_data wait {100 * summary['ray_data']['data_wait_fraction']:.2f}% (target < 5%)")
     print(f"results: {stem.with_suffix('.json')}  plot: {stem.with_suffix('.png')}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:  # an embedded cluster must not collide with a `factory up` one on 8265
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plot(summary: dict, path: Path) -> None:

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 ongoing = min(a.max_ongoing, max(1, c * 2 // 3))
                 serve.run(app_builder(app_args(ongoing, max(1, c - ongoing))), name="embeddings",
                           route_prefix="/embeddings")
-                # HAProxy drains the replaced replica for a fixed 30 s (RAY-2.60-NOTES): measure after that.
-                time.sleep(35)
+                if a.ingress == "haproxy":  # it drains the replaced replica for a fixed 30 s (RAY-2.60-NOTES)
+                    time.sleep(35)
                 asyncio.run(closed_loop(url, body, concurrency=4, total=40))  # warm the new replica
                 return {"max_ongoing_requests": ongoing, "max_queued_requests": max(1, c - ongoing)}
 

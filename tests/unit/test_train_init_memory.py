@@ -90,10 +90,11 @@ def test_training_peak_memory_counts_the_window_not_setup():
     assert peak >= rss_bytes() - (1 << 20)
     assert meter.above_baseline() >= 28 << 20
     del block
-    # The 64 MiB setup transient is not in the window's peak (the kernel mark was reset at start()).
+    # The 64 MiB setup transient is not in the window's peak (the kernel mark was reset at start()); without the
+    # reset the window would read at least 64 MiB above the baseline.
     if meter.method.startswith("VmHWM"):
-        assert meter.above_baseline() < (64 + 32) << 20
-    assert meter.setup_peak_bytes is not None and meter.setup_peak_bytes >= base
+        assert meter.above_baseline() < 56 << 20
+        assert meter.setup_peak_bytes >= base + (60 << 20)  # the setup peak does hold the transient
 
 
 def test_pin_cpu_malloc_threshold_on_glibc():

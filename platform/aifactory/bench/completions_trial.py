@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aifactory.bench.spec import COMPLETIONS_INGRESS_CPUS, ServingKnobs, SweepSpec, TrialConfig
+from aifactory.bench.spec import ServingKnobs, SweepSpec, TrialConfig
 
 
 def pin_model(spec: SweepSpec, home) -> tuple[SweepSpec, str]:
@@ -109,7 +109,6 @@ def serve_completions_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[st
 
     result, energy_j, energy_note = measure_load(spec, url, body, headers=headers, on_ok=count)
     metrics: dict[str, Any] = result.metrics()
-    app_cpus = knobs.num_replicas * spec.replica_num_cpus + COMPLETIONS_INGRESS_CPUS + 2 * c.idle_num_cpus
     metrics.update(
         deploy_s=deploy_s,
         status_counts=result.status_counts,
@@ -119,7 +118,7 @@ def serve_completions_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[st
         tokens=tokens["completion"],  # the unit of work priced per 1M tokens: generated tokens
         tokens_per_s=tokens["completion"] / result.wall_s if result.wall_s > 0 else None,
         # Every replica of the app (ingress and idle deployments included) is what the service costs.
-        replica_cpu_s=app_cpus * result.wall_s,
+        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
         energy_j=energy_j,
         energy_note=energy_note,

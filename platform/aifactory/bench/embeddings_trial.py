@@ -62,7 +62,7 @@ def serve_embeddings_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str
         inputs=result.num_ok * k,
         tokens=tokens["n"],  # embedded tokens: the unit of work priced per 1M tokens
         tokens_per_s=tokens["n"] / result.wall_s if result.wall_s > 0 else None,
-        replica_cpu_s=knobs.num_replicas * spec.replica_num_cpus * result.wall_s,
+        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
         energy_j=energy_j,
         energy_note=energy_note,

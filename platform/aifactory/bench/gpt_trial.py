@@ -28,22 +28,23 @@ def build_job(spec: SweepSpec, knobs: TrainingKnobs, *, seed: int, storage_path:
     """The :class:`TrainJob` of one configuration: the recipe with the knobs and the spec's run settings."""
     from aifactory.config import parse_config
     from aifactory.train.config import TrainJob
-    from aifactory.train.jobspec import load_recipe
+    from aifactory.train.jobspec import apply_overrides, load_recipe
 
     assert spec.train is not None  # the spec validator guarantees it for training kinds
     run = spec.train
-    data = load_recipe(spec.gpt.recipe, tenant=spec.tenant.tenant).model_dump(mode="json")
+    # The CLI's overrides (`factory train --dataset --max-steps --workers`): steps, and warmup fitted to them.
+    job = apply_overrides(load_recipe(spec.gpt.recipe, tenant=spec.tenant.tenant), max_steps=run.max_steps,
+                          workers=knobs.num_workers)
+    data = job.model_dump(mode="json")
     every = min(run.eval_every_steps, run.max_steps)
     data["tenant"] = spec.tenant.model_dump(mode="json")
     data["data"].update(dataset_version=spec.gpt.dataset_version, batch_size=knobs.batch_size)
     data["precision"] = _PRECISION[knobs.precision]
     # One worker needs no sharding; aifactory.train wraps it in DDP, which is then a plain model.
     data["sharding"] = "ddp" if knobs.sharding == "none" else knobs.sharding
-    data["scaling"].update(num_workers=knobs.num_workers, cpus_per_worker=run.cpus_per_worker)
+    data["scaling"]["cpus_per_worker"] = run.cpus_per_worker
     if run.learning_rate != type(run).model_fields["learning_rate"].default:  # otherwise the recipe's
         data["optimizer"]["lr"] = run.learning_rate
-    data["optimizer"]["warmup_steps"] = min(data["optimizer"]["warmup_steps"], run.max_steps - 1)
-    data["steps"] = run.max_steps
     data["checkpoint"] = {"every_steps": every, "keep_last": math.ceil(run.max_steps / every) + 1,
                           "storage_path": storage_path}
     data["validation"] = {"max_batches": spec.gpt.validation_batches,
@@ -75,7 +76,8 @@ def pin_dataset(spec: SweepSpec, home) -> SweepSpec:
     from aifactory.train.runner import pin_dataset as pin_job
 
     widest = max(spec.configurations(), key=lambda k: k.num_workers)
-    _, version = pin_job(build_job(spec, widest, seed=spec.seed), home)
+    # No re-hash here: every trial's run_training verifies the shards' checksums before it trains.
+    _, version = pin_job(build_job(spec, widest, seed=spec.seed), home, checksum=False)
     return spec.model_copy(update={"gpt": spec.gpt.model_copy(update={"dataset_version": version.version})})
 
 

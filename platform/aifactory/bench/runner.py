@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aifactory.cluster.local import free_port
 from aifactory.bench.context import collect_context
 from aifactory.bench.results import ResultStore, RunRecord, TrialRecord, new_run_id
 from aifactory.bench.spec import SweepSpec, TrialConfig, TrialKind
@@ -38,12 +38,6 @@ class SweepOutcome:
     location: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_serve(log: Callable[[str], None] = _stderr) -> int:
     """Serve's HTTP port on this cluster, starting Serve on 127.0.0.1 (a free port) if it is not running."""
     from ray import serve
@@ -51,7 +45,7 @@ def ensure_serve(log: Callable[[str], None] = _stderr) -> int:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        port = _free_port()
+        port = free_port()
         log(f"starting Serve on 127.0.0.1:{port}")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         client = _get_global_client()

@@ -102,10 +102,6 @@ class MLPModelSpec(StrictModel):
     output_dim: int = Field(default=16, ge=1, le=65536, description="Output features.")
 
 
-COMPLETIONS_INGRESS_CPUS = 0.25
-"""What the completions app's ingress replica reserves (fixed in aifactory.serve.apps.completions.build)."""
-
-
 class CompletionsTrialSpec(StrictModel):
     """What a ``serve-completions`` trial deploys and asks (the knobs come from the serving grid)."""
 
@@ -260,13 +256,20 @@ class SweepSpec(StrictModel):
                 out.append(TrialConfig(config_id=cid, knobs=knobs.model_dump(mode="json"), repeat=r, seed=self.seed + r))
         return out
 
+    def app_cpus(self, knobs: dict[str, Any]) -> float:
+        """CPUs a serving trial's application reserves: the measured replicas, plus for the completions app its
+        ingress and its two idle model deployments (what the service costs while it is measured)."""
+        cpus = knobs["num_replicas"] * self.replica_num_cpus
+        if self.kind is TrialKind.SERVE_COMPLETIONS:
+            from aifactory.serve.config import INGRESS_NUM_CPUS
+
+            cpus += INGRESS_NUM_CPUS + 2 * self.completions.idle_num_cpus
+        return cpus
+
     def per_trial_cpus(self, knobs: dict[str, Any]) -> float:
         """CPUs one trial holds while it runs: its own process plus replicas or Train workers."""
         if self.kind.family == "serving":
-            cpus = self.trial_num_cpus + knobs["num_replicas"] * self.replica_num_cpus
-            if self.kind is TrialKind.SERVE_COMPLETIONS:  # the app's ingress and its two idle model deployments
-                cpus += COMPLETIONS_INGRESS_CPUS + 2 * self.completions.idle_num_cpus
-            return cpus
+            return self.trial_num_cpus + self.app_cpus(knobs)
         assert self.train is not None
         return self.trial_num_cpus + knobs["num_workers"] * self.train.cpus_per_worker
 

@@ -126,12 +126,11 @@ def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[
 
     result, energy_j, energy_note = measure_load(spec, url, body)
     metrics: dict[str, Any] = result.metrics()
-    replicas = trial.knobs["num_replicas"]
     metrics.update(
         deploy_s=deploy_s,
         status_counts=result.status_counts,
         # What the measured interval held: pricing turns these into dollars on the driver.
-        replica_cpu_s=replicas * spec.replica_num_cpus * result.wall_s,
+        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
         energy_j=energy_j,
         energy_note=energy_note,

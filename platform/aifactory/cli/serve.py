@@ -68,6 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _rest(args):
+    home, _, rest = _cluster(args)
+    return home, rest
+
+
+def _cluster(args):
+    """(home, cluster address, Serve REST client) of the cluster this command acts on."""
     from aifactory.cluster.connect import auth_headers, ray_env, resolve_address
     from aifactory.exceptions import ClusterUnreachable
     from aifactory.serve.deploy import ServeREST
@@ -76,7 +82,7 @@ def _rest(args):
     address = resolve_address(home, args.address)
     if address is None:
         raise ClusterUnreachable("127.0.0.1:8265", "no `factory up` cluster and no --address")
-    return home, ServeREST(address.dashboard_url, auth_headers(ray_env(home)))
+    return home, address, ServeREST(address.dashboard_url, auth_headers(ray_env(home)))
 
 
 def _admit(home, tenant, resources) -> None:
@@ -208,19 +214,20 @@ def _rollback(args) -> int:
 
 def _cache(args) -> int:
     """The operator's path: flush through a user_config update; read one ingress replica through a handle."""
-    from aifactory.cluster.connect import init_ray, resolve_address
+    from aifactory.cluster.connect import init_ray
     from aifactory.serve import deploy
 
     if _remote.via_api(args):
         return _remote.serve_cache(args)
-    home, rest = _rest(args)
+    home, address, rest = _cluster(args)
     if args.flush:
-        deploy.flush_caches(rest, args.app, args.tenant)
+        token = deploy.flush_caches(rest, args.app, args.tenant)
+        _audit(home, "serve.cache_flush", args.app, args.tenant, {"token": token, "scope": args.tenant or "*"})
         progress(f"{args.app}: cached answers of {args.tenant or 'every tenant'} flushed on every replica")
     import ray
     from ray import serve
 
-    init_ray(home, address=resolve_address(home, args.address), logging_level="ERROR")
+    init_ray(home, address=address, logging_level="ERROR")
     try:
         info = serve.get_app_handle(args.app).cache_info.remote(args.tenant).result(timeout_s=60)
     finally:

@@ -51,7 +51,8 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def _any_free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -145,10 +146,10 @@ class LocalCluster:
             f"--metrics-export-port={metrics_export_port}",
             # The dashboard agent defaults to the fixed port 52365: a second cluster on the host then has no
             # agent and refuses job submissions ("No available agent"). Give each head its own port.
-            f"--dashboard-agent-listen-port={_any_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
             # Likewise the Ray Client server's fixed 10001. It names the GCS address, not the temp dir, in
             # its command line, so `down` finds it by that (left behind, it outlived its cluster).
-            f"--ray-client-server-port={_any_free_port()}",
+            f"--ray-client-server-port={free_port()}",
             f"--num-cpus={cpus}",
             f"--num-gpus={gpus}",
             f"--temp-dir={self.temp_dir}",

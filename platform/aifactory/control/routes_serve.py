@@ -193,10 +193,8 @@ def delete_app(app: AppName, request: Request, principal: CurrentPrincipal) -> d
     from aifactory.serve import deploy as sd
 
     _visible_app(principal, app)
-    rest = _rest(request)
-    if app not in (rest.details().get("applications") or {}):
+    if not sd.delete_app(_rest(request), app):
         raise not_visible("Serve application", app)
-    sd.delete_app(rest, app)
     audit.record(state_of(request).home, actor=principal.actor, action="serve.delete", target=app,
                  tenant=owner_of(app))
     return {"name": app, "deleted": True}
@@ -246,8 +244,7 @@ def flush_cache(app: AppName, request: Request, principal: CurrentPrincipal, ten
     from aifactory.serve import deploy as sd
 
     scope = _cache_scope(principal, app, tenant)
-    _ingress_of(request, app)
-    token = sd.flush_caches(_rest(request), app, scope)
+    token = sd.flush_caches(_rest(request), app, scope)  # NotFound (404) for an app without an ingress
     audit.record(state_of(request).home, actor=principal.actor, action="serve.cache_flush", target=app,
                  tenant=scope, detail={"token": token, "scope": scope or "*"})
     return {"app": app, "tenant": scope, "flushed": True}

@@ -20,7 +20,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from aifactory.config import StrictModel, parse_config, read_yaml
-from aifactory.cost.pricebook import _POOL_NAME, PriceBook
+from aifactory.cost.pricebook import PriceBook
+from aifactory.cost.records import POOL_NAME, POOL_NAME_RULE
 from aifactory.cost.pricing import price
 from aifactory.tenancy import TenantName
 
@@ -54,10 +55,9 @@ class Quota(StrictModel):
 
     @model_validator(mode="after")
     def _pool_names(self) -> Quota:
-        bad = [name for name in self.pools if not _POOL_NAME.match(name)]
+        bad = [name for name in self.pools if not POOL_NAME.match(name)]
         if bad:
-            raise ValueError(f"pools: {', '.join(map(repr, bad))} is not a pool name (a label value: letters, "
-                             "digits, '-', '_', '.', starting and ending with a letter or digit, at most 63 chars)")
+            raise ValueError(f"pools: {', '.join(map(repr, bad))} is not a pool name ({POOL_NAME_RULE})")
         return self
 
 

@@ -17,13 +17,15 @@ resources include ``GPU`` and reads them each sample (see :class:`GpuMeter`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from aifactory.cost.sampler import GIB
+
 log = logging.getLogger("aifactory.cost")
 
-GIB = float(1 << 30)
 UNKNOWN_OWNER = "unattributed"  # a process on a GPU that no Ray worker of the cluster owns
 PROBE_PREFIX = "aifactory-gpu-probe-"
 
@@ -178,8 +180,9 @@ def gpu_use(before: Sequence[GpuDevice], now: Sequence[GpuDevice],
         for proc, w in zip(procs, weights):
             before_mem = next((q.memory_bytes for q in p.processes if q.pid == proc.pid), proc.memory_bytes)
             mem = _mean(before_mem, proc.memory_bytes)
-            add(owners.get((d.node_id, proc.pid), UNKNOWN_OWNER), GpuUse(
-                owners.get((d.node_id, proc.pid), UNKNOWN_OWNER),
+            holder = owners.get((d.node_id, proc.pid), UNKNOWN_OWNER)
+            add(holder, GpuUse(
+                holder,
                 gpu_s=None if device_gpu_s is None else device_gpu_s * w,
                 memory_gib_s=None if mem is None else mem / GIB * dt,
                 energy_j=None if energy is None else energy * w,
@@ -222,6 +225,7 @@ def _weights(procs: Sequence[GpuProcess]) -> list[float]:
     return [1.0 / len(procs)] * len(procs)
 
 
+@functools.cache  # one remote class per process: each new one is exported to the cluster again
 def probe_class():
     """A zero-resource actor that reads NVML on the node it is pinned to."""
     import ray

@@ -79,14 +79,12 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
-        self._migrate()
+            have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+        if not all(name in have for name, _ in _ADDED_USAGE_COLS):
+            self._migrate()
 
     def _migrate(self) -> None:
         """Add the columns an older ledger lacks (one writer at a time: BEGIN IMMEDIATE)."""
-        with self._connect() as db:
-            have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
-            if all(name in have for name, _ in _ADDED_USAGE_COLS):
-                return
         with self.transaction() as db:
             have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
             for name, definition in _ADDED_USAGE_COLS:

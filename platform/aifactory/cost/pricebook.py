@@ -13,19 +13,17 @@ missing CPU or memory rate) and raises one :class:`~aifactory.exceptions.ConfigE
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from aifactory.config import StrictModel, parse_config, read_yaml
-from aifactory.cost.records import DEFAULT_POOL, PricingClass, Resource
+from aifactory.cost.records import DEFAULT_POOL, POOL_NAME, POOL_NAME_RULE, PricingClass, Resource
 from aifactory.exceptions import FactoryError
 
 DEFAULT_PATH = Path(__file__).with_name("pricebook.default.yaml")
 ANY_REGION = "*"
 # A pool name is a Kubernetes label value (it is the aifactory.io/pool label of the pool's nodes).
-_POOL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 class PriceNotFound(FactoryError):
@@ -139,9 +137,8 @@ class PriceBook(StrictModel):
             if (resource, sku, ANY_REGION) not in seen:
                 problems.append(f"rates: a region '*' rate for resource={resource.value} sku={sku} is required")
         for name in self.pools:
-            if not _POOL_NAME.match(name):
-                problems.append(f"pools.{name}: a pool name is a label value: letters, digits, '-', '_', '.', "
-                                "starting and ending with a letter or digit, at most 63 characters")
+            if not POOL_NAME.match(name):
+                problems.append(f"pools.{name}: a pool name is {POOL_NAME_RULE}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

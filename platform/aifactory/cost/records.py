@@ -8,6 +8,7 @@ window twice (a collector restarted after a crash) is a no-op in the ledger.
 from __future__ import annotations
 
 import hashlib
+import re
 import enum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,6 +32,9 @@ class PricingClass(str, enum.Enum):
 POOL_LABEL = "aifactory.io/pool"
 PRICING_CLASS_LABEL = "aifactory.io/pricing-class"
 DEFAULT_POOL = "default"
+# A pool name is a Ray label value (the same rule as a Kubernetes label value).
+POOL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+POOL_NAME_RULE = "a label value: letters, digits, '-', '_', '.', starting and ending with a letter or digit, at most 63 chars"
 
 
 # SKU of resources that have no accelerator type.

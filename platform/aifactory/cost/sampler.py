@@ -15,7 +15,7 @@ All Serve replicas belong to the job that started Serve, so replicas are named b
 Untagged jobs map to ``unattributed``. Used CPU comes from psutil for processes on this node.
 
 Every holding is keyed by the node it sits on: the node's pool and pricing class come from its Ray node
-labels ``aifactory.io/pool`` / ``aifactory.io/pricing-class`` (``ray.nodes()[i]["Labels"]``, set by
+labels ``aifactory.io/pool`` / ``aifactory.io/pricing-class`` (the state API's node ``labels``, set by
 cluster/), its GPU/ASIC SKU from its own accelerator type. Unlabelled nodes are pool ``default``, keyed
 as before pools existed; a holder whose node is unknown is counted there too.
 """
@@ -102,22 +102,12 @@ def _accelerators(nodes) -> tuple[str, str]:
 def node_pools(nodes) -> dict[str, tuple[str, str]]:
     """node id -> (pool, pricing class or "") from the nodes' Ray labels.
 
-    Read from ``ray.nodes()`` (the node table) where this process is connected to Ray, else from the
-    state API's node labels. A pricing class that is not reserved/on-demand/spot is ignored (logged).
+    Read from the state API's node records the snapshot already holds (``list_nodes(detail=True)`` carries
+    the same labels as ``ray.nodes()``). A pricing class that is not reserved/on-demand/spot is ignored (logged).
     """
-    labels: dict[str, Mapping[str, str]] = {}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            labels = {n["NodeID"]: n.get("Labels") or {} for n in ray.nodes()}
-    except Exception:  # noqa: BLE001 - fall back to the state API's copy of the labels
-        labels = {}
     out = {}
     for n in nodes:
-        lab = labels.get(n.node_id)
-        if lab is None:
-            lab = getattr(n, "labels", None) or {}
+        lab = getattr(n, "labels", None) or {}
         pool = str(lab.get(POOL_LABEL) or DEFAULT_POOL)
         cls = str(lab.get(PRICING_CLASS_LABEL) or "").strip().lower()
         if cls and cls not in {c.value for c in PricingClass}:

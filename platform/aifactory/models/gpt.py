@@ -131,16 +131,11 @@ class GPT(nn.Module):
             return 0.02 / math.sqrt(2 * self.config.n_layers)
         return 0.02
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 initialisation in place, drawn from the global RNG (see :meth:`init_weights` for sharded models)."""
         for name, p in self.named_parameters():
-            rule = self._init_rule(name, p.dim())
-            if rule == "ones":
-                nn.init.ones_(p)
-            elif rule == "zeros":
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, mean=0.0, std=rule)
+            _fill_(p, self._init_rule(name, p.dim()))
 
     @torch.no_grad()
     def init_weights(self, *, seed: int) -> None:
@@ -156,14 +151,7 @@ class GPT(nn.Module):
 
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for name, p in self.named_parameters():
-            rule = self._init_rule(name, p.dim())
-            full = torch.empty(tuple(p.shape), dtype=torch.float32)
-            if rule == "ones":
-                full.fill_(1.0)
-            elif rule == "zeros":
-                full.zero_()
-            else:
-                full.normal_(mean=0.0, std=rule, generator=gen)
+            full = _fill_(torch.empty(tuple(p.shape), dtype=torch.float32), self._init_rule(name, p.dim()), gen)
             full = full.to(device=p.device, dtype=p.dtype)
             if isinstance(p, DTensor):
                 # src_data_rank=None: every rank holds the same full value, so each keeps its own chunk locally.
@@ -229,3 +217,12 @@ def load_gpt(weights_path: str, model_config: dict, *, device: str = "cpu") -> G
     state = torch.load(weights_path, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def _fill_(t: torch.Tensor, rule: str | float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply one :meth:`GPT._init_rule` in place: "ones", "zeros", or a normal draw with that std."""
+    if rule == "ones":
+        return t.fill_(1.0)
+    if rule == "zeros":
+        return t.zero_()
+    return t.normal_(mean=0.0, std=rule, generator=generator)

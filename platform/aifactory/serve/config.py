@@ -163,6 +163,10 @@ class Limits(StrictModel):
     max_tokens: int = Field(64, ge=1, description="Largest max_tokens a request may ask for.")
 
 
+INGRESS_NUM_CPUS = 0.25
+"""Logical CPUs the completions app's ingress replica reserves (routing and caches; the model runs elsewhere)."""
+
+
 class CompletionsArgs(StrictModel):
     """Arguments of ``serve_apps.completions:app_builder``."""
 

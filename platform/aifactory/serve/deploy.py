@@ -107,20 +107,25 @@ def deploy(rest: ServeREST, entry: dict, *, http_port: int | None = None, wait_s
     return wait_running(rest, entry["name"], wait_s=wait_s)
 
 
-def update_deployments(rest: ServeREST, app: str, user_configs: dict[str, dict], *, wait_s: float = 120.0) -> dict:
+def live_user_config(details: dict, app: str, deployment: str) -> dict:
+    """The ``user_config`` a deployment of ``app`` runs with now, from :meth:`ServeREST.details`."""
+    dep = (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}).get(deployment) or {}
+    return (dep.get("deployment_config") or {}).get("user_config") or {}
+
+
+def update_deployments(rest: ServeREST, app: str, user_configs: dict[str, dict], *, wait_s: float = 120.0,
+                       details: dict | None = None) -> dict:
     """Update keys of ``user_config`` of deployments of ``app`` (in place, no restarts); wait until RUNNING.
 
     The given keys are merged into each deployment's live ``user_config``, so one change (a canary share)
-    never erases another (a cache flush token)."""
-    details = rest.details()
+    never erases another (a cache flush token). ``details``: :meth:`ServeREST.details` if just fetched."""
+    details = details if details is not None else rest.details()
     config = current_config(details)
-    live = ((details.get("applications") or {}).get(app) or {}).get("deployments") or {}
     for entry in config["applications"]:
         if entry["name"] == app:
             overrides = {d["name"]: d for d in entry.get("deployments") or []}
             for dep, uc in user_configs.items():
-                current = ((live.get(dep) or {}).get("deployment_config") or {}).get("user_config") or {}
-                overrides.setdefault(dep, {"name": dep})["user_config"] = {**current, **uc}
+                overrides.setdefault(dep, {"name": dep})["user_config"] = {**live_user_config(details, app, dep), **uc}
             entry["deployments"] = list(overrides.values())
             break
     else:
@@ -184,19 +189,13 @@ def _rollout_text(rollout: dict | None) -> str | None:
 
 
 def rollout_state(rest: ServeREST, app: str) -> RolloutState:
-    app_d = (rest.details().get("applications") or {}).get(app)
-    if not app_d:
+    details = rest.details()
+    if app not in (details.get("applications") or {}):
         raise NotFound("Serve application", app, "`factory serve status` lists the applications")
-    uc = ((app_d.get("deployments") or {}).get("Ingress", {}).get("deployment_config") or {}).get("user_config") or {}
+    uc = live_user_config(details, app, "Ingress")
     if "rollout" not in uc:
         raise NotFound("rollout state of application", app, "is it a completions app?")
     return RolloutState.model_validate(uc["rollout"])
-
-
-def _batching_of(rest: ServeREST, app: str, deployment: str) -> dict:
-    dep = ((rest.details().get("applications") or {}).get(app) or {}).get("deployments", {}).get(deployment, {})
-    uc = (dep.get("deployment_config") or {}).get("user_config") or {}
-    return {k: uc[k] for k in ("max_batch_size", "batch_wait_timeout_s") if k in uc}
 
 
 def canary(rest: ServeREST, app: str, *, model_name: str, version: str, percent: float, registry) -> RolloutState:
@@ -204,7 +203,7 @@ def canary(rest: ServeREST, app: str, *, model_name: str, version: str, percent:
     mv = registry.verify(registry.get(model_name, version))  # refuse a tampered artifact before touching Serve
     state = rollout_state(rest, app).canary(mv.version, percent)
     # First load the weights (traffic still 0% there), then shift traffic: no request meets a half-loaded canary.
-    update_deployments(rest, app, {"Canary": {"model_version": mv.version, **_batching_of(rest, app, "Canary")}})
+    update_deployments(rest, app, {"Canary": {"model_version": mv.version}})
     _check_loaded(rest, app, "Canary", mv.version)
     update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}})
     return state
@@ -218,7 +217,7 @@ def promote(rest: ServeREST, app: str, *, registry, model_name: str) -> RolloutS
         raise ServeDeployError(str(err)) from None
     registry.verify(registry.get(model_name, state.stable_version))
     update_deployments(rest, app, {
-        d: {"model_version": state.stable_version, **_batching_of(rest, app, d)} for d in ("Interactive", "Batch")
+        d: {"model_version": state.stable_version} for d in ("Interactive", "Batch")
     })
     for d in ("Interactive", "Batch"):
         _check_loaded(rest, app, d, state.stable_version)
@@ -240,12 +239,12 @@ def flush_caches(rest: ServeREST, app: str, tenant: str | None) -> str:
     place (:func:`aifactory.serve.cache.flush_requests`). Returns the token."""
     import uuid
 
-    app_d = (rest.details().get("applications") or {}).get(app)
-    if not app_d:
-        raise NotFound("Serve application", app)
-    uc = ((app_d.get("deployments") or {}).get("Ingress", {}).get("deployment_config") or {}).get("user_config") or {}
+    details = rest.details()
+    if "Ingress" not in (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}):
+        raise NotFound("cache of Serve application", app)
+    flushes = live_user_config(details, app, "Ingress").get("cache_flush") or {}
     token = uuid.uuid4().hex[:12]
-    update_deployments(rest, app, {"Ingress": {"cache_flush": {**(uc.get("cache_flush") or {}), tenant or "*": token}}})
+    update_deployments(rest, app, {"Ingress": {"cache_flush": {**flushes, tenant or "*": token}}}, details=details)
     return token
 
 

@@ -91,7 +91,6 @@ class GenDelta:
     """What one decode step added to one request: its new token ids and, on its last step, the result."""
 
     tokens: list[int]
-    finish_reason: str | None = None
     result: GenResult | None = None
 
 
@@ -210,7 +209,7 @@ class Decoder:
                               "batch_rows": b}
                     result = GenResult(generated[r], finish[r], prefix_hit_tokens=rows[r][1],
                                        version=self.loaded.version, timings=timing)
-                    step.append(GenDelta(new[r], finish[r], result))
+                    step.append(GenDelta(new[r], result=result))
                 else:
                     step.append(GenDelta(new[r]))
             yield step

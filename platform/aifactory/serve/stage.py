@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.request
 
+from aifactory.cluster.local import free_port
 from aifactory.pipeline.runner import RunContext, StageResult
 
 BURST_REQUESTS = 120
 CONCURRENCY = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_stage(ctx: RunContext) -> StageResult:
@@ -39,7 +33,7 @@ def serve_stage(ctx: RunContext) -> StageResult:
     name, version = ctx.artifacts.get("model_name"), ctx.artifacts.get("model_version")
     if not name:
         raise FactoryError("the serve stage needs a registered model: run the train stage first (no model_name)")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     rest = deploy.ServeREST(ctx.address.dashboard_url, auth_headers(ray_env(ctx.home)))
     one = AutoscalingSpec(min_replicas=1, max_replicas=1, slo_aware=False)

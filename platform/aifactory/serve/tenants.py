@@ -68,6 +68,15 @@ class TenantResolver:
 
             self._keys = KeyStore(FactoryHome.from_env(home))
 
+    async def resolve(self, headers: Mapping[str, str]) -> str:
+        """:meth:`__call__` for a request handler: the key store's SQLite lookup runs off the event loop, so a
+        locked store (a key rotation in progress) never stalls the replica's other requests."""
+        if self._keys is None:
+            return self(headers)
+        import asyncio
+
+        return await asyncio.to_thread(self, headers)
+
     def __call__(self, headers: Mapping[str, str]) -> str:
         tenant = self._resolve(headers)
         if self.tenants is not None and tenant not in self.tenants:

@@ -126,7 +126,7 @@ class TrainingPeakMemory:
         self.baseline_bytes = 0
         self._peak = 0
         self._kernel_hwm: bool | None = None
-        self._sampler = None
+        self._sampled = 0  # the sampler thread's running maximum (when the kernel mark cannot be reset)
         self.setup_peak_bytes: int | None = None
         self.method = "cuda max_memory_allocated" if device_type == "cuda" else None
 
@@ -168,8 +168,7 @@ class TrainingPeakMemory:
                 self._sampled = max(self._sampled, rss_bytes())
                 time.sleep(self.sample_s)
 
-        self._sampler = threading.Thread(target=sample, name="aif-rss-sampler", daemon=True)
-        self._sampler.start()
+        threading.Thread(target=sample, name="aif-rss-sampler", daemon=True).start()
 
     def _window_peak(self) -> int:
         if self.device_type == "cuda":
@@ -178,7 +177,7 @@ class TrainingPeakMemory:
             return int(torch.cuda.max_memory_allocated())
         if self._kernel_hwm:
             return _vm_hwm_bytes() or 0
-        return max(getattr(self, "_sampled", 0), rss_bytes()) if self._kernel_hwm is False else 0
+        return max(self._sampled, rss_bytes()) if self._kernel_hwm is False else 0
 
     def _fold(self) -> None:
         self._peak = max(self._peak, self._window_peak())

@@ -81,14 +81,12 @@ def build_model(config, *, sharding: str, precision: str, device: torch.device, 
 
     with torch.device("meta"):
         model = GPT(config)
-    if sharding == "fsdp":
+    fsdp = sharding == "fsdp"
+    if fsdp:  # shard first, so that materialising allocates only this rank's shards
         model = shard_model(model, sharding=sharding, precision=precision, device=device)
-        model.to_empty(device=device)
-        model.init_weights(seed=seed)
-        return model
     model.to_empty(device=device)
     model.init_weights(seed=seed)
-    return shard_model(model, sharding=sharding, precision=precision, device=device)
+    return model if fsdp else shard_model(model, sharding=sharding, precision=precision, device=device)
 
 
 def shard_model(model: nn.Module, *, sharding: str, precision: str, device: torch.device) -> nn.Module:

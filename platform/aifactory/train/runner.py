@@ -70,8 +70,10 @@ def _record_cost_events(home: FactoryHome, job: TrainJob, run_id: str, manifest:
         ledger.record_event(key=f"{run_id}:validated:{reg['version']}", kind="checkpoint_validated", **common)
 
 
-def pin_dataset(job: TrainJob, home: FactoryHome):
-    """Resolve the job's dataset version (newest when unset), check it fits the job, and pin it."""
+def pin_dataset(job: TrainJob, home: FactoryHome, *, checksum: bool = True):
+    """Resolve the job's dataset version (newest when unset), check it fits the job, and pin it.
+
+    ``checksum``: also re-hash its shards (False where each run that follows checks them anyway)."""
     from aifactory.data.store import DatasetStore
 
     version = DatasetStore(home).get(job.data.dataset_version)
@@ -86,7 +88,7 @@ def pin_dataset(job: TrainJob, home: FactoryHome):
         problems.append(f"data.dataset_version: {version.version} has no validation split")
     if problems:
         raise ConfigError(f"train job on {version.version}", problems)
-    version.validate(splits=["train", "validation"], checksum=True)
+    version.validate(splits=["train", "validation"], checksum=checksum)
     return job.model_copy(update={"data": job.data.model_copy(update={"dataset_version": version.version})}), version
 
 

@@ -18,7 +18,6 @@ replicas in place instead of restarting them.
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import time
@@ -34,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from aifactory.config import parse_config
 from aifactory.exceptions import FactoryError
 from aifactory.serve.cache import ExactCache, PrefixCache, SemanticCache, flush_requests
-from aifactory.serve.config import CompletionsArgs
+from aifactory.serve.config import INGRESS_NUM_CPUS, CompletionsArgs
 from aifactory.serve.engine import Decoder, GenDelta, GenItem, GenResult, LoadedModel, load_version
 from aifactory.serve.http import error_response, install_error_handlers
 from aifactory.serve.metrics import LatencyWindow, UsageRecorder
@@ -44,7 +43,7 @@ from aifactory.serve.schemas import (
     APIError, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
     check_completion_limits, parse_body,
 )
-from aifactory.serve.streaming import DONE, TextStream, sse_chunk, sse_error
+from aifactory.serve.streaming import DONE, TextStream, sse_chunk, sse_error, stop_scan
 from aifactory.serve.tenants import TenantResolver, resolve_slo_class
 
 logger = logging.getLogger("ray.serve")
@@ -66,21 +65,18 @@ def _cached(body: dict, source: str) -> CompletionResponse:
 
 
 def _apply_stop(text: str, stops: list[str], finish: str) -> tuple[str, str]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], "stop") if cut >= 0 else (text, finish)
+    n, stopped = stop_scan(text, stops, final=True)  # the streamed answer's cut, so both agree by construction
+    return (text[:n], "stop") if stopped else (text, finish)
 
 
 async def _sse(resp: CompletionResponse):
     """A cached answer as server-sent events in OpenAI's format (it is ready, so chunks are per character)."""
-    text = resp.choices[0].text
-    for i, ch in enumerate(text):
-        chunk = resp.model_dump() | {"choices": [{"text": ch, "index": 0, "logprobs": None, "finish_reason": None}]}
-        chunk.pop("usage", None)
-        yield f"data: {json.dumps(chunk)}\n\n"
-    last = resp.model_dump() | {"choices": [{"text": "", "index": 0, "logprobs": None,
-                                             "finish_reason": resp.choices[0].finish_reason}]}
-    yield f"data: {json.dumps(last)}\n\n"
-    yield "data: [DONE]\n\n"
+    head = resp.model_dump(exclude={"choices", "usage"})
+    choice = resp.choices[0]
+    for ch in choice.text:
+        yield sse_chunk(head, ch)
+    yield sse_chunk(head, "", choice.finish_reason, usage=resp.usage.model_dump())
+    yield DONE
 
 
 _DRAINING: set = set()
@@ -248,12 +244,13 @@ class Ingress:
         ctx = serve.get_replica_context()
         self.usage = UsageRecorder(ctx.app_name, ctx.deployment)
         self.seq_len: int | None = None
+        self._flushes_seen: dict[str, str] = {}  # cache_flush tokens already applied (see reconfigure)
 
     def reconfigure(self, user_config: dict) -> None:
         if "rollout" in user_config:
             self.rollout = parse_config(RolloutState, user_config["rollout"], source="Ingress user_config.rollout")
         wanted = {str(k): str(v) for k, v in (user_config.get("cache_flush") or {}).items()}
-        for tenant in flush_requests(getattr(self, "_flushes_seen", {}), wanted):
+        for tenant in flush_requests(self._flushes_seen, wanted):
             for cache in (self.exact, self.semantic):
                 if cache is not None:
                     cache.drop(tenant)
@@ -306,7 +303,7 @@ class Ingress:
         status = 200
         streaming = False
         try:
-            tenant = self.tenants(request.headers)
+            tenant = await self.tenants.resolve(request.headers)
             retry = self.limiter.check(tenant)
             if retry:
                 raise APIError(429, f"tenant {tenant!r} is over its rate limit; retry in {retry:.0f}s",
@@ -530,7 +527,7 @@ def build(args: CompletionsArgs):
         max_ongoing_requests=args.ingress_max_ongoing_requests,
         max_queued_requests=args.ingress_max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
-        ray_actor_options={"num_cpus": 0.25},
+        ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
         user_config={"rollout": rollout.model_dump()},
     ).bind(args.model_dump(mode="json"), interactive, batch, canary_d)
 

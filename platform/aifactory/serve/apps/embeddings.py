@@ -100,7 +100,7 @@ class Embeddings:
         t0 = time.monotonic()
         tenant, status = "unattributed", 200
         try:
-            tenant = self.tenants(request.headers)
+            tenant = await self.tenants.resolve(request.headers)
             retry = self.limiter.check(tenant)
             if retry:
                 raise APIError(429, f"tenant {tenant!r} is over its rate limit; retry in {retry:.0f}s",
