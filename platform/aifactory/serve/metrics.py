@@ -21,6 +21,7 @@ PROCESSING = "aifactory_serve_processing_seconds_total"
 TOKENS = "aifactory_serve_tokens_total"
 CACHE_HITS = "aifactory_serve_cache_hits_total"
 CACHE_LOOKUPS = "aifactory_serve_cache_lookups_total"
+MODEL_BATCH = "aifactory_serve_model_batch_size"  # items per model call (Serve's own batch size counts gathers)
 
 
 class LatencyWindow:
@@ -60,6 +61,9 @@ class UsageRecorder:
                                      tag_keys=("tenant", "application", "cache"))
         self._lookups = metrics.Counter(CACHE_LOOKUPS, description="Cache lookups by tenant and cache.",
                                         tag_keys=("tenant", "application", "cache"))
+        self._model_batch = metrics.Histogram(
+            MODEL_BATCH, description="Items per model call, as the replica's batch lane ran them.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("application", "deployment"))
         self._lock = threading.Lock()
         self._pending: dict[str, dict[str, float]] = {}
         self._task: asyncio.Task | None = None
@@ -72,6 +76,9 @@ class UsageRecorder:
         with self._lock:
             row = self._pending.setdefault(tenant, {})
             row[key] = row.get(key, 0.0) + value
+
+    def model_call(self, items: int) -> None:
+        self._model_batch.observe(items, tags={"application": self.application, "deployment": self.deployment})
 
     def request(self, tenant: str, status: int, processing_s: float) -> None:
         self._requests.inc(1, tags=self._base(tenant) | {"status": str(status)})

@@ -11,10 +11,11 @@ import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from ray import serve
 from ray.serve import Application
 
+from aifactory.serve.batching import BatchLane
 from aifactory.serve.config import EmbeddingsArgs
 from aifactory.serve.http import error_response, install_error_handlers
 from aifactory.serve.metrics import LatencyWindow, UsageRecorder
@@ -51,7 +52,7 @@ class Embeddings:
         self.args = EmbeddingsArgs.model_validate(args)
 
         self.tenants = TenantResolver(auth=self.args.auth, api_keys=self.args.api_keys, home=self.args.home)
-        torch.set_num_threads(int(os.environ.get("AIFACTORY_SERVE_TORCH_THREADS", "2")))
+        torch.set_num_threads(self.args.torch_threads)
         self.model = load_minilm()
         self.tokenizer = self.model.tokenizer
         self.limiter = TenantRateLimiter(self.args.admission.default_rate_limit, self.args.admission.tenant_rate_limits)
@@ -59,29 +60,35 @@ class Embeddings:
         ctx = serve.get_replica_context()
         self.usage = UsageRecorder(ctx.app_name, ctx.deployment)
         self.batched = self.args.batching.max_batch_size > 1
+        self.lane = BatchLane(self._encode, max_items=self.args.batching.max_batch_size,
+                              on_call=self.usage.model_call)
         self.reconfigure(self.args.batching.model_dump())
 
     def reconfigure(self, user_config: dict) -> None:
         if "max_batch_size" in user_config:
             self.batched = int(user_config["max_batch_size"]) > 1
             self.encode_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+            self.lane.max_items = int(user_config["max_batch_size"])
         if "batch_wait_timeout_s" in user_config:
             self.encode_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
-    def _encode(self, texts: list[str]):
-        return self.model.encode(texts, batch_size=max(len(texts), 1), normalize_embeddings=True,
-                                 convert_to_numpy=True)
+    def _encode(self, texts: list[str]) -> list[tuple]:
+        """Each text's (vector, tokens counted with [CLS] and [SEP]), computed on the calling worker thread.
+
+        The count is taken here, not on the event loop, because the fast tokenizer's padding settings are
+        per tokenizer, not per call: a count taken on the loop while a batch encoded broke that batch
+        ("Unable to create tensor ... padding=True"), 5 requests in 700 at 120 req/s."""
+        vectors = self.model.encode(texts, batch_size=max(len(texts), 1), normalize_embeddings=True,
+                                    convert_to_numpy=True)
+        return [(v, len(self.tokenizer.tokenize(t)) + 2) for v, t in zip(vectors, texts)]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def encode_batch(self, requests: list[list[str]]) -> list:
-        """One encode call for every text of every request in the batch, split back per request."""
-        flat = [t for texts in requests for t in texts]
-        vectors = await asyncio.to_thread(self._encode, flat)
-        out, i = [], 0
-        for texts in requests:
-            out.append(vectors[i:i + len(texts)])
-            i += len(texts)
-        return out
+    async def encode_batch(self, requests: list[list[str]]) -> list[asyncio.Future]:
+        """Hands each request's texts to the encode lane and returns at once; each caller awaits its future.
+
+        The lane, not Serve's batch gate, decides what one encode call holds: everything that waited while
+        the previous call ran (see :mod:`aifactory.serve.batching` for why)."""
+        return [self.lane.submit(texts) for texts in requests]
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"p95_latency_s": self.latency.p95()}
@@ -109,19 +116,21 @@ class Embeddings:
             req = parse_body(EmbeddingRequest, await request.body())
             texts = self._validate(req)
             if self.batched:
-                vectors = await self.encode_batch(texts)
-            else:
-                vectors = await asyncio.to_thread(self._encode, texts)
+                encoded = await (await self.encode_batch(texts))
+            else:  # batching off: the lane (max_items 1) encodes one request per call, one call at a time
+                encoded = await self.lane.submit(texts)
             self.latency.observe(time.monotonic() - t0)
-            n_tokens = sum(len(self.tokenizer.tokenize(t)) + 2 for t in texts)  # + [CLS] and [SEP]
+            n_tokens = sum(n for _, n in encoded)
             self.usage.tokens(tenant, prompt=n_tokens, completion=0)
             body = EmbeddingResponse(
                 data=[EmbeddingData(embedding=encode_vector(v, req.encoding_format), index=i)
-                      for i, v in enumerate(vectors)],
+                      for i, (v, _) in enumerate(encoded)],
                 model=req.model,
                 usage=Usage(prompt_tokens=n_tokens, total_tokens=n_tokens),
             )
-            return JSONResponse(body.model_dump())
+            # pydantic's serializer writes the 384 floats in ~0.09 ms; json.dumps of model_dump() took ~0.5 ms
+            # on the replica's event loop, 13% of its GIL time at 2x saturating load.
+            return Response(body.model_dump_json(), media_type="application/json")
         except APIError as err:
             status = err.status
             return error_response(err)

@@ -1,0 +1,105 @@
+"""One model call at a time, each taking every request that waited for it: the gate behind ``@serve.batch``.
+
+Why this exists: Ray 2.60's ``@serve.batch`` forms the next batch as soon as ``batch_wait_timeout_s`` has
+passed, whether or not the model is still busy with the previous one (ray-project/ray#53096 made batch
+execution concurrent, gated by ``max_concurrent_batches``; with the default of 1 the formed batches wait in
+line). Under steady load each batch then holds only the requests of one window: measured on 2 cores with
+MiniLM at 112 req/s open-loop, 2 requests per model call while 70 waited, p50 565 ms, the replica answering
+~90 req/s where the same replica answered 180 req/s to 32 closed-loop clients (whose requests arrive
+together and so fill batches).
+
+:class:`BatchLane` restores the batching a model server wants: the ``@serve.batch`` function hands its
+requests to the lane and returns at once (so batches never queue at Serve's gate), and the lane runs the
+model on one worker thread; each call takes every request that arrived while the previous call ran, up to
+``max_items``. An idle lane starts at once, so at low load a request waits only ``@serve.batch``'s window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class LaneStats:
+    calls: int = 0  # model calls run
+    items: int = 0  # items (e.g. texts) those calls held
+    largest: int = 0  # items in the largest call
+
+    @property
+    def mean_items(self) -> float:
+        return self.items / self.calls if self.calls else 0.0
+
+
+class BatchLane:
+    """Runs ``fn(items) -> outputs`` (one output per item, in order) on a worker thread, one call at a time.
+
+    ``submit(items)`` queues one request's items and returns a future of that request's outputs. While a
+    call runs, submissions wait; the next call merges them in arrival order up to ``max_items`` items (a
+    request is never split; one larger than ``max_items`` runs alone). An exception from ``fn`` is set on
+    the future of every request in that call. Cancelled futures (the client left) are dropped unrun.
+    Every method must be called from the event loop that owns the lane.
+    """
+
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], *, max_items: int,
+                 on_call: Callable[[int], None] | None = None):
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        self.fn = fn
+        self.max_items = max_items
+        self.on_call = on_call  # told each call's item count (e.g. a metrics histogram)
+        self.stats = LaneStats()
+        self._waiting: deque[tuple[list[Any], asyncio.Future]] = deque()
+        self._runner: asyncio.Task | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the next call (not counting the call running now)."""
+        return len(self._waiting)
+
+    def submit(self, items: list[Any]) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((list(items), fut))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._drain())
+        return fut
+
+    def _next_call(self) -> list[tuple[list[Any], asyncio.Future]]:
+        call: list[tuple[list[Any], asyncio.Future]] = []
+        n = 0
+        while self._waiting:
+            items, fut = self._waiting[0]
+            if fut.cancelled():
+                self._waiting.popleft()
+                continue
+            if call and n + len(items) > self.max_items:
+                break
+            call.append(self._waiting.popleft())
+            n += len(items)
+        return call
+
+    async def _drain(self) -> None:
+        while call := self._next_call():
+            flat = [x for items, _ in call for x in items]
+            self.stats.calls += 1
+            self.stats.items += len(flat)
+            self.stats.largest = max(self.stats.largest, len(flat))
+            if self.on_call is not None:
+                self.on_call(len(flat))
+            try:
+                outputs = await asyncio.to_thread(self.fn, flat)
+                if len(outputs) != len(flat):
+                    raise RuntimeError(f"batch function returned {len(outputs)} outputs for {len(flat)} items")
+            except Exception as err:  # every request of the call sees the model's error
+                for _, fut in call:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            i = 0
+            for items, fut in call:
+                if not fut.done():
+                    fut.set_result(outputs[i:i + len(items)])
+                i += len(items)
