@@ -23,17 +23,31 @@ TENANT_HEADER = "x-tenant"
 SLO_HEADER = "x-slo-class"
 
 
+def _named_tenant(headers: Mapping[str, str]) -> str:
+    """The ``X-Tenant`` header, stripped ('' when absent)."""
+    return (headers.get(TENANT_HEADER) or "").strip()
+
+
+def _is_tenant_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name)) and name not in _RESERVED
+
+
+def _bearer_key(headers: Mapping[str, str]) -> str | None:
+    """The key of ``Authorization: Bearer <key>``; None when the header is absent or another scheme."""
+    auth = (headers.get("authorization") or "").strip()
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
 def resolve_tenant(headers: Mapping[str, str], api_keys: Mapping[str, str]) -> str:
     """``headers`` must be case-insensitive (Starlette's are) or lower-cased."""
-    explicit = (headers.get(TENANT_HEADER) or "").strip()
+    explicit = _named_tenant(headers)
     if explicit:
-        if not _NAME_RE.match(explicit) or explicit in _RESERVED:
+        if not _is_tenant_name(explicit):
             raise APIError(400, f"X-Tenant: {explicit!r} is not a valid tenant name (lowercase DNS label)",
                            param="X-Tenant", code="invalid_tenant")
         return explicit
-    auth = (headers.get("authorization") or "").strip()
-    if auth.lower().startswith("bearer "):
-        key = auth[7:].strip()
+    key = _bearer_key(headers)
+    if key is not None:
         if key in api_keys:
             return api_keys[key]
         if api_keys:
@@ -90,16 +104,14 @@ class TenantResolver:
             return resolve_tenant(headers, self.api_keys)
         from aifactory.exceptions import AuthenticationError
 
-        auth = (headers.get("authorization") or "").strip()
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         try:
-            principal = self._keys.authenticate(key)
+            principal = self._keys.authenticate(_bearer_key(headers) or "")
         except AuthenticationError as err:
             raise APIError(401, f"Authorization: {err}", param="Authorization", code="invalid_api_key",
                            type_="authentication_error") from None
-        named = (headers.get(TENANT_HEADER) or "").strip()
+        named = _named_tenant(headers)
         if principal.is_admin:
-            if not named or not _NAME_RE.match(named) or named in _RESERVED:
+            if not _is_tenant_name(named):
                 raise APIError(400, "X-Tenant: an admin key must name the tenant it acts for",
                                param="X-Tenant", code="invalid_tenant")
             return named
