@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 from aifactory.cli._common import home_of
 from aifactory.cli._output import emit
@@ -121,14 +122,15 @@ def _budgets(args) -> int:
     return 0
 
 
-def _edit_limits(args, section: str, values: dict) -> int:
+def _edit_limits(args, section: str, edit: Callable[[dict], dict]) -> int:
+    """Replace one tenant's ``section`` ("budget" | "quota") with ``edit(current section)``, validated, one read."""
     from aifactory.config import parse_config
     from aifactory.cost.budgets import BudgetsConfig, budgets_path, load_budgets, save_budgets
 
     home = home_of(args)
     data = load_budgets(home).model_dump(mode="json", exclude_none=True)
     entry = data.setdefault("tenants", {}).setdefault(args.tenant, {})
-    entry[section] = {k: v for k, v in values.items() if v is not None}
+    entry[section] = {k: v for k, v in edit(entry.get(section) or {}).items() if v is not None}
     cfg = parse_config(BudgetsConfig, data, source=f"{section} of tenant {args.tenant}")
     save_budgets(home, cfg)
     from aifactory import audit
@@ -141,22 +143,23 @@ def _edit_limits(args, section: str, values: dict) -> int:
 
 
 def _set_budget(args) -> int:
-    return _edit_limits(args, "budget", {"period": args.period, "soft_usd": args.soft_usd, "hard_usd": args.hard_usd})
+    return _edit_limits(args, "budget",
+                        lambda _: {"period": args.period, "soft_usd": args.soft_usd, "hard_usd": args.hard_usd})
 
 
 def _set_quota(args) -> int:
-    from aifactory.cost.budgets import load_budgets
-
     limits = {"cpu": args.cpu, "gpu": args.gpu}
-    current = load_budgets(home_of(args)).tenants.get(args.tenant)
-    quota = current.quota.model_dump(mode="json", exclude_none=True) if current and current.quota else {}
-    pools = quota.get("pools") or {}
-    if args.pool:  # this pool's limits; the all-pools ones and other pools' stay
-        pools[args.pool] = {k: v for k, v in limits.items() if v is not None}
-        values = {"cpu": quota.get("cpu"), "gpu": quota.get("gpu")}
-    else:  # the all-pools limits; the pools' stay
-        values = limits
-    return _edit_limits(args, "quota", {**values, "pools": pools or None})
+
+    def edit(quota: dict) -> dict:
+        pools = quota.get("pools") or {}
+        if args.pool:  # this pool's limits; the all-pools ones and other pools' stay
+            pools[args.pool] = {k: v for k, v in limits.items() if v is not None}
+            values = {"cpu": quota.get("cpu"), "gpu": quota.get("gpu")}
+        else:  # the all-pools limits; the pools' stay
+            values = limits
+        return {**values, "pools": pools or None}
+
+    return _edit_limits(args, "quota", edit)
 
 
 def _export(args) -> int:
