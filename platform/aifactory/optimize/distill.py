@@ -2,8 +2,8 @@
 
 The student is a :class:`~aifactory.train.config.TrainJob` (shape, steps, optimizer, scaling, precision,
 sharding) run with the training machinery: FSDP2 per block with the bf16-mixed policy
-(:func:`aifactory.train.parallel.shard_model`), the data plane's deterministic feed, the warmup + cosine
-schedule, and the consolidated full state dict at the end. Each worker holds a frozen, full copy of the
+(:func:`aifactory.train.parallel.build_model`: built on the meta device, sharded, then initialised), the
+data plane's deterministic feed, the warmup + cosine schedule, and the consolidated full state dict at the end. Each worker holds a frozen, full copy of the
 teacher (small next to the student's optimizer state) and computes its logits on the same batch:
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, tokens)
@@ -64,12 +64,11 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     from aifactory.data.store import DatasetStore
     from aifactory.data.tokenizer import PAD
     from aifactory.home import FactoryHome
-    from aifactory.models.gpt import GPT
     from aifactory.optimize.gate import load_registered
     from aifactory.registry import ModelRegistry
     from aifactory.train import checkpoint as ckpt
     from aifactory.train.loop import lr_at
-    from aifactory.train.parallel import autocast_context, current_device, shard_model
+    from aifactory.train.parallel import autocast_context, build_model, current_device, pin_cpu_malloc_threshold
 
     payload = DistillPayload.model_validate(config)  # validate again on this side of the boundary
     spec, job = payload.spec, payload.spec.student
@@ -82,8 +81,12 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     teacher = teacher.to(dev.device).eval().requires_grad_(False)
     seq_len = min(job.model.gpt.seq_len, teacher.config.seq_len, version.manifest.seq_len - 1)
 
-    torch.manual_seed(job.seed)  # identical student initialisation on every rank before sharding
-    student = shard_model(GPT(job.model.gpt), sharding=job.sharding, precision=job.precision, device=dev.device)
+    if dev.device.type == "cpu":
+        pin_cpu_malloc_threshold()  # FSDP2's per-block buffers otherwise grow the heap step after step
+    torch.manual_seed(job.seed)
+    # Meta-device build, sharded, then a seeded init: no rank holds the full fp32 student under FSDP2.
+    student = build_model(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device,
+                          seed=job.seed)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = job.optimizer
     optimizer = torch.optim.AdamW(
