@@ -213,8 +213,8 @@ class EmbeddingsArgs(StrictModel):
     torch_threads: int = Field(
         1, ge=1, le=256,
         description="torch intra-op threads per replica. 1 where the replica shares its cores with the ingress and "
-        "Ray: on 2 cores, 2 threads answered 150 req/s at 380 req/s offered (p99 1.26 s), 1 thread 162 req/s at 320 "
-        "offered (p99 0.35 s); raise it on a node with cores to spare.",
+        "Ray: on 2 cores with the same admission bound, 1 thread answered 195 req/s at 280 req/s offered (p99 0.49 s), "
+        "2 threads 141-150 req/s at 380 offered (p99 0.88-1.26 s); raise it on a node with cores to spare.",
     )
     max_inputs: int = Field(256, ge=1, description="Most inputs one request may send.")
     max_input_chars: int = Field(8192, ge=1, description="Longest input string.")
