@@ -32,13 +32,19 @@ class SlowModel:
         return [2 * x for x in items]
 
 
+async def submit_and_start(lane: BatchLane, items: list[int]) -> asyncio.Future:
+    """Submit ``items`` and return once their call runs, so that what is submitted next has to wait for it."""
+    fut = lane.submit(items)
+    await asyncio.sleep(0.01)
+    return fut
+
+
 def test_requests_arriving_during_a_call_share_the_next_call():
     model = SlowModel(call_s=0.1)
 
     async def main():
         lane = BatchLane(model, max_items=64)
-        first = lane.submit([0])  # starts a call at once: the lane is idle
-        await asyncio.sleep(0.02)
+        first = await submit_and_start(lane, [0])  # the lane is idle: the call starts at once
         rest = [lane.submit([i]) for i in range(1, 21)]  # all arrive while call 1 runs
         return await first, await asyncio.gather(*rest), lane.stats
 
@@ -56,8 +62,7 @@ def test_a_call_never_exceeds_max_items_and_never_splits_a_request():
 
     async def main():
         lane = BatchLane(model, max_items=5)
-        busy = lane.submit([100])
-        await asyncio.sleep(0.01)
+        busy = await submit_and_start(lane, [100])
         futs = [lane.submit([10 * r + j for j in range(n)]) for r, n in enumerate([2, 2, 3, 1, 7])]
         out = await asyncio.gather(busy, *futs)
         return out
@@ -104,8 +109,7 @@ def test_cancelled_requests_are_dropped_before_they_run():
 
     async def main():
         lane = BatchLane(model, max_items=8)
-        busy = lane.submit([1])
-        await asyncio.sleep(0.01)
+        busy = await submit_and_start(lane, [1])
         gone, kept = lane.submit([2]), lane.submit([3])
         gone.cancel()  # the client disconnected while waiting
         return await busy, await kept

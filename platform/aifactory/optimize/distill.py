@@ -3,8 +3,9 @@
 The student is a :class:`~aifactory.train.config.TrainJob` (shape, steps, optimizer, scaling, precision,
 sharding) run with the training machinery: FSDP2 per block with the bf16-mixed policy
 (:func:`aifactory.train.parallel.build_model`: built on the meta device, sharded, then initialised), the
-data plane's deterministic feed, the warmup + cosine schedule, and the consolidated full state dict at the end. Each worker holds a frozen, full copy of the
-teacher (small next to the student's optimizer state) and computes its logits on the same batch:
+data plane's deterministic feed, the warmup + cosine schedule, and the consolidated full state dict at the
+end. Each worker holds a frozen, full copy of the teacher (small next to the student's optimizer state) and
+computes its logits on the same batch:
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, tokens)
 

@@ -29,10 +29,6 @@ class LaneStats:
     items: int = 0  # items (e.g. texts) those calls held
     largest: int = 0  # items in the largest call
 
-    @property
-    def mean_items(self) -> float:
-        return self.items / self.calls if self.calls else 0.0
-
 
 class BatchLane:
     """Runs ``fn(items) -> outputs`` (one output per item, in order) on a worker thread, one call at a time.
@@ -54,11 +50,6 @@ class BatchLane:
         self.stats = LaneStats()
         self._waiting: deque[tuple[list[Any], asyncio.Future]] = deque()
         self._runner: asyncio.Task | None = None
-
-    @property
-    def waiting(self) -> int:
-        """Requests queued for the next call (not counting the call running now)."""
-        return len(self._waiting)
 
     def submit(self, items: list[Any]) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
