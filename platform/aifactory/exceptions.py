@@ -76,21 +76,47 @@ class QuotaExceeded(FactoryError):
     """Work would take a tenant over a resource quota."""
 
     def __init__(self, tenant: str, resource: str, requested: float, limit: float, in_use: float = 0.0,
-                 pool: str | None = None):
+                 pool: str | None = None, lane: str | None = None):
         self.tenant = tenant
         self.resource = resource
         self.requested = requested
         self.limit = limit
         self.in_use = in_use
         self.pool = pool  # None: the all-pools quota
-        where = "" if pool is None else f", pool={pool!r}"
+        self.lane = lane
+        lane_part = "" if lane is None else f", lane={lane!r}"
         super().__init__(
-            f"QuotaExceeded(tenant={tenant!r}{where}, resource={resource!r}, requested={requested:g}, "
-            f"in_use={in_use:g}, limit={limit:g}): ask an admin to raise the quota or wait for running work"
+            f"QuotaExceeded(tenant={tenant!r}{lane_part}, pool={pool or 'all'!r}, resource={resource!r}, "
+            f"requested={requested:g}, held={in_use:g}, limit={limit:g}): ask an admin to raise the quota "
+            "or wait for running work"
         )
 
     def __reduce__(self):
-        return (self.__class__, (self.tenant, self.resource, self.requested, self.limit, self.in_use, self.pool))
+        return (self.__class__, (self.tenant, self.resource, self.requested, self.limit, self.in_use, self.pool,
+                                 self.lane))
+
+
+class MeterUnavailable(FactoryError):
+    """A tenant with a quota asked for work, but the meter has no fresh holdings to check it against.
+
+    Admission fails closed: without live usage the factory cannot tell whether the tenant is within its
+    quota, so the work is refused rather than let through.
+    """
+
+    def __init__(self, tenant: str, resource: str, age_s: float | None, max_age_s: float):
+        self.tenant = tenant
+        self.resource = resource
+        self.age_s = age_s
+        self.max_age_s = max_age_s
+        seen = "never reported" if age_s is None else f"last reported {age_s:.0f} s ago (fresh: < {max_age_s:.0f} s)"
+        super().__init__(
+            f"MeterUnavailable(tenant={tenant!r}, resource={resource!r}): the tenant has a {resource} quota but the "
+            f"cost meter {seen}, so its holdings are unknown and the work is refused; start the meter with "
+            "`factory up` (it starts with the cluster) or `factory meter start`, then retry"
+        )
+
+    def __reduce__(self):
+        return (self.__class__, (self.tenant, self.resource, self.age_s, self.max_age_s))
 
 
 class BudgetExceeded(FactoryError):

@@ -22,6 +22,10 @@ UNATTRIBUTED = "unattributed"
 IDLE = "idle"
 """The pseudo-tenant of capacity that nothing holds."""
 
+PLATFORM_TENANT = "platform"
+"""The tenant of the operators' own work (shared apps deployed without --tenant); an ordinary tenant name,
+so a budget or quota can be set on it like on any other."""
+
 _RESERVED = {UNATTRIBUTED, IDLE}
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -47,11 +51,15 @@ TenantName = Annotated[str, AfterValidator(_check_tenant)]
 
 
 class WorkloadKind(str, enum.Enum):
+    """What a unit of work is. ``other`` is a generic job (``factory submit``, ``ray job submit``);
+    ``bench`` is a sweep of benchmark trials."""
+
     INGEST = "ingest"
     TRAIN = "train"
     SERVE = "serve"
     BENCH = "bench"
     BATCH_INFERENCE = "batch-inference"
+    OPTIMIZE = "optimize"
     OTHER = "other"
 
 

@@ -244,7 +244,7 @@ def test_quota_refuses_submission(scenario, tmp_path):
         proc = run_factory("submit", "--tenant", "gamma", "--num-cpus", "2", "--", "python", "-c", "print(1)",
                            home=cluster.home, env=env, check=False)
         assert proc.returncode != 0
-        assert "QuotaExceeded(tenant='gamma', resource='CPU', requested=2" in proc.stderr
+        assert "QuotaExceeded(tenant='gamma', pool='all', resource='CPU', requested=2" in proc.stderr
         from aifactory.home import FactoryHome
         from aifactory.jobs import Client
 

@@ -11,7 +11,7 @@ from aifactory.cost.kpis import cost_rows, kpis, parse_since
 from aifactory.cost.ledger import Ledger
 from aifactory.cost.pricebook import parse_price_book
 from aifactory.cost.records import UsageRecord
-from aifactory.exceptions import BudgetExceeded, ConfigError, QuotaExceeded
+from aifactory.exceptions import BudgetExceeded, ConfigError, MeterUnavailable, QuotaExceeded
 from aifactory.home import FactoryHome
 from aifactory.tenancy import TenantRef, WorkloadKind
 
@@ -89,15 +89,24 @@ def test_budget_hard_limit_refuses_and_soft_limit_alerts(home):
     assert rows[0]["state"] == "over-hard" and rows[0]["remaining_usd"] == pytest.approx(-0.05)
 
 
-def test_quota_counts_live_holdings(home):
+def test_quota_fails_closed_without_a_fresh_meter_and_counts_live_holdings(home):
     save_budgets(home, BudgetsConfig.model_validate({"tenants": {"alpha": {"quota": {"cpu": 4, "gpu": 0}}}}))
     alpha = TenantRef(tenant="alpha")
-    admit(home, alpha, {"CPU": 4, "GPU": 0}, WorkloadKind.OTHER)
+    # No meter has ever sampled: a request within the limit is refused (its holdings are unknown) ...
+    with pytest.raises(MeterUnavailable, match="start the meter") as err:
+        admit(home, alpha, {"CPU": 4, "GPU": 0}, WorkloadKind.OTHER)
+    assert (err.value.tenant, err.value.resource, err.value.age_s) == ("alpha", "CPU", None)
+    # ... a request over the limit by itself is a QuotaExceeded, meter or not
     with pytest.raises(QuotaExceeded) as err:
-        admit(home, alpha, {"CPU": 5}, WorkloadKind.OTHER)
-    assert (err.value.resource, err.value.requested, err.value.limit) == ("CPU", 5.0, 4.0)
+        admit(home, alpha, {"CPU": 5}, WorkloadKind.OTHER, lane="learning")
+    assert (err.value.resource, err.value.requested, err.value.limit, err.value.lane) == ("CPU", 5.0, 4.0, "learning")
+    assert "tenant='alpha', lane='learning', pool='all', resource='CPU', requested=5, held=0, limit=4" in str(err.value)
     with pytest.raises(QuotaExceeded, match="resource='GPU'"):
         admit(home, alpha, {"GPU": 1}, WorkloadKind.OTHER)
+    admit(home, TenantRef(tenant="beta"), {"CPU": 64}, WorkloadKind.OTHER)  # no quota: no meter needed
+    # A meter that sampled an empty cluster is fresh: nothing held
+    Ledger.of(home).set_live("c1", {})
+    admit(home, alpha, {"CPU": 4, "GPU": 0}, WorkloadKind.OTHER)
     Ledger.of(home).set_live("c1", {("alpha", "cpu"): 3.0, ("beta", "cpu"): 6.0})
     admit(home, alpha, {"CPU": 1}, WorkloadKind.OTHER)
     with pytest.raises(QuotaExceeded) as err:

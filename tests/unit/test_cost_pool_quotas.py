@@ -12,7 +12,7 @@ from aifactory.cost.collector import CollectorConfig, CollectorCore
 from aifactory.cost.exporter import CostMetrics
 from aifactory.cost.ledger import Ledger
 from aifactory.cost.records import UsageRecord
-from aifactory.exceptions import QuotaExceeded
+from aifactory.exceptions import MeterUnavailable, QuotaExceeded
 from aifactory.home import FactoryHome
 from aifactory.tenancy import TenantRef, WorkloadKind
 
@@ -51,7 +51,7 @@ def test_admission_refuses_over_a_pool_quota_naming_tenant_pool_resource(home):
         admit(home, ALPHA, {"GPU": 2}, WorkloadKind.TRAIN, pool="gpu-h200")
     e = err.value
     assert (e.tenant, e.pool, e.resource, e.requested, e.limit, e.in_use) == ("alpha", "gpu-h200", "GPU", 2.0, 2.0, 1.0)
-    assert "QuotaExceeded(tenant='alpha', pool='gpu-h200', resource='GPU', requested=2, in_use=1, limit=2)" in str(e)
+    assert "QuotaExceeded(tenant='alpha', pool='gpu-h200', resource='GPU', requested=2, held=1, limit=2)" in str(e)
     again = pickle.loads(pickle.dumps(e))  # crosses process boundaries with its pool
     assert (again.pool, again.in_use) == ("gpu-h200", 1.0)
     # another pool is bound by the all-pools quota only: 4 held + 4 = 8 fits, + 5 does not
@@ -67,10 +67,11 @@ def test_admission_refuses_over_a_pool_quota_naming_tenant_pool_resource(home):
     admit(home, TenantRef(tenant="beta"), {"GPU": 50}, WorkloadKind.TRAIN, pool="gpu-h200")
 
 
-def test_pool_quota_without_fresh_collector_checks_the_request_alone(home):
+def test_pool_quota_without_fresh_collector_fails_closed(home):
     _quota(home, {"pools": {"gpu-h200": {"gpu": 1, "cpu": 4}}})
-    admit(home, ALPHA, {"GPU": 1, "CPU": 4}, WorkloadKind.SERVE, pool="gpu-h200")
-    with pytest.raises(QuotaExceeded) as err:
+    with pytest.raises(MeterUnavailable):  # within the limit, but the holdings are unknown
+        admit(home, ALPHA, {"GPU": 1, "CPU": 4}, WorkloadKind.SERVE, pool="gpu-h200")
+    with pytest.raises(QuotaExceeded) as err:  # over the limit by itself
         admit(home, ALPHA, {"CPU": 4.5}, WorkloadKind.SERVE, pool="gpu-h200")
     assert (err.value.resource, err.value.pool, err.value.in_use) == ("CPU", "gpu-h200", 0.0)
 

@@ -117,7 +117,8 @@ def run_sweep(
     model_version: str | None = None,
     log: Callable[[str], None] = _stderr,
 ) -> SweepOutcome:
-    """Run every trial of ``spec`` on the connected cluster; store the records; return them."""
+    """Launch ``spec`` through the front door (admission, run record, cost events) and run every trial on
+    the connected cluster; store the records; return them."""
     import ray
     from ray import tune
 
@@ -143,73 +144,86 @@ def run_sweep(
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
     concurrency = plan_concurrency(spec, trials, cluster_cpus)
     run_id = new_run_id(spec.name)
-    started = time.time()
-    context = collect_context(dataset_version=dataset_version, model_version=model_version, region=spec.region,
-                              flags={"serve_replica_omp_num_threads": 1} if spec.kind.family == "serving" else None)
-    http_port = ensure_serve(log) if spec.kind.family == "serving" else None
-    env = TrialEnv(run_id=run_id, tenant=spec.tenant.tenant, http_port=http_port,
-                   storage_path=home.bench.rstrip("/") + "/_train", home_root=str(home.root))
-    configs = len({t.config_id for t in trials})
-    log(f"bench {run_id}: {configs} configuration(s) x {spec.repeats} repeats = {len(trials)} {spec.kind.value} "
-        f"trials, {concurrency} at a time, tenant {spec.tenant}")
+    from aifactory.config import config_hash
+    from aifactory.tenancy import WorkloadKind
+    from aifactory.workloads import Resources, Workload, launch
 
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, spec_json=spec.model_dump_json(), env=env),
-        {"cpu": spec.trial_num_cpus},
-    )
-    store = ResultStore(home)
-    tuner = tune.Tuner(
-        trainable,
-        # A grid over the expanded list keeps Tune's trial order = the spec's order (repeats adjacent).
-        param_space={"trial": tune.grid_search([t.model_dump() for t in trials])},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(
-            name=run_id,
-            storage_path=home.bench.rstrip("/") + "/_tune",
-            verbose=0,
-            callbacks=[_progress_callback(len(trials), log)],
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )
-    try:
-        grid = tuner.fit()
-    finally:
-        if http_port is not None:
-            _delete_apps(run_id)
+    # What the sweep holds at once: its widest trial times the trials Tune runs side by side.
+    peak_cpus = max(spec.per_trial_cpus(t.knobs) for t in trials) * concurrency
+    workload = Workload(kind=WorkloadKind.BENCH, tenant=spec.tenant, name=f"bench {spec.name}",
+                        resources=Resources(cpu=peak_cpus), config_hash=config_hash(spec))
 
-    by_key = {}
-    for result in grid:
-        tc = result.config["trial"] if result.config else None
-        if tc is not None:
-            by_key[(tc["config_id"], tc["repeat"])] = result
-    book, reason = _price_book(home)
-    region = context.region
-    records = []
-    for t in trials:
-        result = by_key.get((t.config_id, t.repeat))
-        error = None if result is not None and result.error is None else str(getattr(result, "error", "not run"))
-        metrics: dict[str, Any] = {}
-        if error is None:
-            metrics = {k: _decode(v) for k, v in (result.metrics or {}).items() if not _tune_internal(k)}
-            metrics.update(price_outcomes(metrics, family=spec.kind.family, book=book, region=region,
-                                          tenant=spec.tenant.tenant, unavailable_reason=reason))
-        records.append(TrialRecord(
+    def sweep(handle) -> SweepOutcome:
+        handle.ref("bench_run", run_id)
+        started = time.time()
+        context = collect_context(dataset_version=dataset_version, model_version=model_version, region=spec.region,
+                                  flags={"serve_replica_omp_num_threads": 1} if spec.kind.family == "serving" else None)
+        http_port = ensure_serve(log) if spec.kind.family == "serving" else None
+        env = TrialEnv(run_id=run_id, tenant=spec.tenant.tenant, http_port=http_port,
+                       storage_path=home.bench.rstrip("/") + "/_train", home_root=str(home.root))
+        configs = len({t.config_id for t in trials})
+        log(f"bench {run_id}: {configs} configuration(s) x {spec.repeats} repeats = {len(trials)} {spec.kind.value} "
+            f"trials, {concurrency} at a time, tenant {spec.tenant}")
+
+        trainable = tune.with_resources(
+            tune.with_parameters(_trainable, spec_json=spec.model_dump_json(), env=env),
+            {"cpu": spec.trial_num_cpus},
+        )
+        store = ResultStore(home)
+        tuner = tune.Tuner(
+            trainable,
+            # A grid over the expanded list keeps Tune's trial order = the spec's order (repeats adjacent).
+            param_space={"trial": tune.grid_search([t.model_dump() for t in trials])},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(
+                name=run_id,
+                storage_path=home.bench.rstrip("/") + "/_tune",
+                verbose=0,
+                callbacks=[_progress_callback(len(trials), log)],
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            grid = tuner.fit()
+        finally:
+            if http_port is not None:
+                _delete_apps(run_id)
+
+        by_key = {}
+        for result in grid:
+            tc = result.config["trial"] if result.config else None
+            if tc is not None:
+                by_key[(tc["config_id"], tc["repeat"])] = result
+        book, reason = _price_book(home)
+        region = context.region
+        records = []
+        for t in trials:
+            result = by_key.get((t.config_id, t.repeat))
+            error = None if result is not None and result.error is None else str(getattr(result, "error", "not run"))
+            metrics: dict[str, Any] = {}
+            if error is None:
+                metrics = {k: _decode(v) for k, v in (result.metrics or {}).items() if not _tune_internal(k)}
+                metrics.update(price_outcomes(metrics, family=spec.kind.family, book=book, region=region,
+                                              tenant=spec.tenant.tenant, unavailable_reason=reason))
+            records.append(TrialRecord(
+                run_id=run_id, spec_name=spec.name, kind=spec.kind.value, tenant=spec.tenant.tenant,
+                project=spec.tenant.project, config_id=t.config_id, knobs=t.knobs, repeat=t.repeat, seed=t.seed,
+                status="ok" if error is None else "error", error=error, metrics=metrics))
+        run = RunRecord(
             run_id=run_id, spec_name=spec.name, kind=spec.kind.value, tenant=spec.tenant.tenant,
-            project=spec.tenant.project, config_id=t.config_id, knobs=t.knobs, repeat=t.repeat, seed=t.seed,
-            status="ok" if error is None else "error", error=error, metrics=metrics))
-    run = RunRecord(
-        run_id=run_id, spec_name=spec.name, kind=spec.kind.value, tenant=spec.tenant.tenant,
-        project=spec.tenant.project, spec=spec.model_dump(mode="json"), context=context.model_dump(mode="json"),
-        pricing={"price_book_version": book.version if book else None, "region": region,
-                 "basis": "reserved CPU-seconds of Serve replicas / Train workers while measuring",
-                 "unavailable": reason or None},
-        started_at=started, finished_at=time.time(), num_trials=len(records),
-        num_failed=sum(r.status != "ok" for r in records),
-    )
-    location = store.write(run, records)
-    log(f"bench {run_id}: {len(records) - run.num_failed}/{len(records)} trials ok in {run.wall_s:.0f}s; "
-        f"records in {location}")
-    return SweepOutcome(run=run, trials=records, location=location)
+            project=spec.tenant.project, spec=spec.model_dump(mode="json"), context=context.model_dump(mode="json"),
+            pricing={"price_book_version": book.version if book else None, "region": region,
+                     "basis": "reserved CPU-seconds of Serve replicas / Train workers while measuring",
+                     "unavailable": reason or None},
+            started_at=started, finished_at=time.time(), num_trials=len(records),
+            num_failed=sum(r.status != "ok" for r in records),
+        )
+        location = store.write(run, records)
+        log(f"bench {run_id}: {len(records) - run.num_failed}/{len(records)} trials ok in {run.wall_s:.0f}s; "
+            f"records in {location}")
+        return SweepOutcome(run=run, trials=records, location=location)
+
+    return launch(workload, home=home, record_id=run_id, run=sweep)
 
 
 def _price_book(home: FactoryHome):

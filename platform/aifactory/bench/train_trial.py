@@ -138,27 +138,24 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def train_mlp_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from aifactory.bench.context import EnergyMeter
+    from aifactory.train.runner import fit_trainer
 
     assert spec.train is not None  # the spec validator guarantees it for training kinds
     knobs = TrainingKnobs.model_validate(trial.knobs)
     meter = EnergyMeter()
     meter.start()
     t0 = time.perf_counter()
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"model": spec.model.model_dump(), "knobs": knobs.model_dump(), "train": spec.train.model_dump(),
-                           "seed": trial.seed, "task_seed": spec.seed + 10_000},
-        scaling_config=ScalingConfig(num_workers=knobs.num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": spec.train.cpus_per_worker}),
-        run_config=RunConfig(name=f"{env.run_id}-{trial.config_id}-r{trial.repeat}",
-                             storage_path=env.storage_path, callbacks=[TuneReportCallback()]),
-    )
-    result = trainer.fit()
+    config = {"model": spec.model.model_dump(), "knobs": knobs.model_dump(), "train": spec.train.model_dump(),
+              "seed": trial.seed, "task_seed": spec.seed + 10_000}
+    result, error = fit_trainer(train_worker, config, run_id=f"{env.run_id}-{trial.config_id}-r{trial.repeat}",
+                                storage=env.storage_path, num_workers=knobs.num_workers,
+                                cpus_per_worker=spec.train.cpus_per_worker, use_gpu=False, max_failures=0,
+                                keep_last=None, callbacks=[TuneReportCallback()])
+    if error is not None:
+        raise error
     fit_s = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
     energy_j = meter.stop_joules()

@@ -79,14 +79,6 @@ def _run(args: argparse.Namespace) -> int:
     spec = find_spec(args.spec, overrides=_parse_overrides(args.overrides))  # bad input starts nothing
     tenant = tenant_of(args) or spec.tenant
     spec = spec.model_copy(update={"tenant": tenant})
-    trials = spec.trials()
-    peak_cpus = max(spec.per_trial_cpus(t.knobs) for t in trials) * spec.max_concurrent_trials
-    try:
-        from aifactory.cost.admission import admit
-    except ImportError:  # cost accounting not installed: nothing to enforce
-        admit = None
-    if admit is not None:
-        admit(home, tenant, {"CPU": peak_cpus}, WorkloadKind.BENCH)
     code = code_version()
     meta = job_metadata(tenant, workload=WorkloadKind.BENCH, config_hash=config_hash(spec), code_version=code.sha,
                         code_dirty=code.dirty, extra={"entrypoint": "factory bench run", "bench_spec": spec.name})

@@ -23,8 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_address(p)
     p.add_argument("--working-dir", help="directory uploaded as the job's working dir")
     p.add_argument("--workload", choices=[w.value for w in WorkloadKind], default=WorkloadKind.OTHER.value)
-    p.add_argument("--num-cpus", type=float, help="CPUs reserved for the entrypoint")
-    p.add_argument("--num-gpus", type=float, help="GPUs reserved for the entrypoint")
+    p.add_argument("--num-cpus", type=float,
+                   help="CPUs the job will hold at once in all, its tasks and actors included (checked against "
+                        "the tenant's quota)")
+    p.add_argument("--num-gpus", type=float, help="GPUs the job will hold at once in all")
+    p.add_argument("--entrypoint-num-cpus", type=float,
+                   help="CPUs the driver process reserves, part of --num-cpus (as in `ray job submit`)")
+    p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs the driver process reserves")
+    p.add_argument("--lane", help="the lane to queue in (default: factory)")
     p.add_argument("--memory", help="memory reserved for the entrypoint, e.g. 2GiB")
     p.add_argument("--submission-id", help="use this job id instead of a generated one")
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 1 if it fails")
@@ -73,6 +79,9 @@ def _submit(args: argparse.Namespace) -> int:
         working_dir=args.working_dir,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+        entrypoint_num_gpus=args.entrypoint_num_gpus,
+        lane=args.lane,
         memory_bytes=memory,
         submission_id=args.submission_id,
     )

@@ -50,14 +50,6 @@ def _connect(args, home, tenant, workload, config) -> None:
     init_ray(home, address=resolve_address(home, args.address), job_metadata=meta)
 
 
-def _admit(home, tenant, resources, workload) -> None:
-    try:
-        from aifactory.cost.admission import admit
-    except ImportError:  # a checkout without cost accounting admits everything
-        return
-    admit(home, tenant, resources, workload)
-
-
 def _summary(mv, gate) -> dict:
     v = mv.manifest.get("variant") or {}
     return {"model": mv.ref, "parent": mv.manifest.get("parent"), "method": v.get("method"),
@@ -71,7 +63,6 @@ def _quantize(args: argparse.Namespace) -> int:
     from aifactory.optimize.gate import parse_ref
     from aifactory.optimize.quantize import check_parent, resolve_method, run_quantize
     from aifactory.registry import ModelRegistry
-    from aifactory.tenancy import WorkloadKind
 
     home = home_of(args).ensure()
     parent = ModelRegistry(home).get(*parse_ref(args.model))  # unknown model: NotFound before any work
@@ -79,7 +70,6 @@ def _quantize(args: argparse.Namespace) -> int:
     spec = quantize_spec(args.method, tenant=args.tenant or parent.manifest.get("tenant") or "demo",
                          max_loss_delta=args.max_loss_delta)
     resolve_method(spec.method)  # hardware that cannot run the method: refused before connecting
-    _admit(home, spec.tenant, {"CPU": 1.0}, WorkloadKind.OTHER)
     # In this process, without a cluster: a gate reads a few validation batches (aifactory.optimize.gate);
     # `ray job submit ... python -m jobs.quantize` runs the same on the cluster, attributed to the tenant.
     mv, gate = run_quantize(home, parent.ref, spec, log=progress)
@@ -97,9 +87,6 @@ def _distill(args: argparse.Namespace) -> int:
     home = home_of(args).ensure()
     spec = student_spec(args.student, tenant=args.tenant, max_steps=args.max_steps, workers=args.workers,
                         max_loss_delta=args.max_loss_delta)
-    s = spec.student.scaling
-    resources = {"CPU": s.num_workers * s.cpus_per_worker, **({"GPU": float(s.num_workers)} if s.use_gpu else {})}
-    _admit(home, spec.student.tenant, resources, WorkloadKind.TRAIN)
     _connect(args, home, spec.student.tenant, WorkloadKind.TRAIN, spec)
     try:
         mv, gate, run = run_distillation(home, args.model, spec, log=progress)

@@ -13,6 +13,7 @@ import argparse
 from aifactory.cli import _remote
 from aifactory.cli._common import add_address, add_tenant, home_of, tenant_of
 from aifactory.cli._output import add_format, emit, emit_obj, progress
+from aifactory.tenancy import PLATFORM_TENANT, TenantRef
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,17 +86,6 @@ def _cluster(args):
     return home, address, ServeREST(address.dashboard_url, auth_headers(ray_env(home)))
 
 
-def _admit(home, tenant, resources) -> None:
-    """The cost engineer's admission check (quota, budget), before any replica starts."""
-    try:
-        from aifactory.cost.admission import admit
-    except ImportError:  # a checkout without cost accounting admits everything
-        return
-    from aifactory.tenancy import WorkloadKind
-
-    admit(home, tenant, resources, WorkloadKind.SERVE)
-
-
 def _deploy(args) -> int:
     from aifactory.config import load_config
     from aifactory.serve import deploy
@@ -110,18 +100,16 @@ def _deploy(args) -> int:
                      "home": str(home.root)}
         app_args = (load_config(CompletionsArgs, args.config, overrides=overrides) if args.config
                     else CompletionsArgs(**{k: v for k, v in overrides.items() if v is not None}))
-        cpus = sum(c.num_cpus * c.autoscaling.max_replicas for c in (app_args.interactive, app_args.batch, app_args.canary))
         entry = deploy.completions_entry(app_args, name=args.name or "completions",
                                          route_prefix=f"/{args.name or 'completions'}")
     else:
         app_args = load_config(EmbeddingsArgs, args.config) if args.config else EmbeddingsArgs()
-        cpus = app_args.num_cpus * app_args.autoscaling.max_replicas
         entry = deploy.embeddings_entry(app_args, name=args.name or "embeddings",
                                         route_prefix=f"/{args.name or 'embeddings'}")
-    if tenant is not None:
-        _admit(home, tenant, {"CPU": cpus})
     progress(f"deploying {entry['name']} ({entry['import_path']}) ...")
-    app = deploy.deploy(rest, entry, http_port=args.port)
+    # An operator's app without --tenant is the platform's own: launched, recorded and metered like any.
+    app = deploy.launch_app(rest, entry, app_args, home=home, tenant=tenant or TenantRef(tenant=PLATFORM_TENANT),
+                            http_port=args.port)
     _audit(home, "serve.deploy", entry["name"], tenant, {"import_path": entry["import_path"],
                                                          "model": entry["args"].get("model_name")})
     emit(deploy.status(rest), args.format)

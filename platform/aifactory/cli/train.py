@@ -44,21 +44,6 @@ def _connect(args, home, job):
     return init_ray(home, address=resolve_address(home, args.address), job_metadata=meta)
 
 
-def _admit(home, job) -> None:
-    """The cost engineer's admission check (quota, budget), before any work starts."""
-    try:
-        from aifactory.cost.admission import admit
-    except ImportError:  # a checkout without cost accounting admits everything
-        return
-    from aifactory.tenancy import WorkloadKind
-
-    s = job.scaling
-    resources = {"CPU": s.num_workers * s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = float(s.num_workers)
-    admit(home, job.tenant, resources, WorkloadKind.TRAIN)
-
-
 def _summary(out) -> dict:
     m = out.metrics
     return {"run_id": out.run_id, "status": out.manifest.get("status"), "model": out.model_name,
@@ -79,7 +64,6 @@ def _train(args: argparse.Namespace) -> int:
     home = home_of(args).ensure()
     job = build_job(recipe=args.recipe or (None if args.config else "tiny"), config=args.config,
                     dataset=args.dataset, max_steps=args.max_steps, workers=args.workers, tenant=args.tenant)
-    _admit(home, job)
     _connect(args, home, job)
     try:
         out = run_training(job, home=home, log=progress)
@@ -118,7 +102,6 @@ def _rerun(args: argparse.Namespace) -> int:
 
     home = home_of(args).ensure()
     job = TrainJob.model_validate(read_manifest(home, args.run_id)["job"])
-    _admit(home, job)
     _connect(args, home, job)
     try:
         out, cmp = rerun(args.run_id, home=home, log=progress)

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aifactory.exceptions import (
     AuthenticationError, BudgetExceeded, ClusterUnreachable, ConfigError, FactoryError, IntegrityError,
-    JobNotFound, NotFound, PermissionDenied, QuotaExceeded,
+    JobNotFound, MeterUnavailable, NotFound, PermissionDenied, QuotaExceeded,
 )
 from aifactory.home import FactoryHome
 from aifactory.security.apikeys import KeyStore, Principal
@@ -106,6 +106,7 @@ _STATUS: list[tuple[type[FactoryError], int, str]] = [
     (NotFound, 404, "not_found"),
     (ConfigError, 422, "invalid_request"),
     (QuotaExceeded, 429, "quota_exceeded"),
+    (MeterUnavailable, 503, "meter_unavailable"),
     (BudgetExceeded, 402, "budget_exceeded"),
     (ClusterUnreachable, 503, "cluster_unreachable"),
     (IntegrityError, 409, "integrity_error"),

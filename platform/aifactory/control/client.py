@@ -103,7 +103,8 @@ class ControlClient:
     def submit(self, entrypoint: str | Sequence[str], *, workload: WorkloadKind = WorkloadKind.OTHER,
                slo_class: SLOClass | None = None, working_dir: str | None = None, runtime_env: Any = None,
                num_cpus: float | None = None, num_gpus: float | None = None, memory_bytes: int | None = None,
-               project: str | None = None, tenant: str | None = None, **unsupported: Any) -> str:
+               entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
+               lane: str | None = None, project: str | None = None, tenant: str | None = None, **unsupported: Any) -> str:
         """Submit as the key's tenant; returns the submission id."""
         if working_dir or runtime_env or slo_class or any(v is not None for v in unsupported.values()):
             given = [k for k, v in {"working_dir": working_dir, "runtime_env": runtime_env, "slo_class": slo_class,
@@ -115,6 +116,8 @@ class ControlClient:
         body: dict[str, Any] = {"entrypoint": entrypoint, "project": project or self.project,
                                 "workload": WorkloadKind(workload).value}
         for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory_bytes", memory_bytes),
+                     ("entrypoint_num_cpus", entrypoint_num_cpus), ("entrypoint_num_gpus", entrypoint_num_gpus),
+                     ("lane", lane),
                      ("tenant", tenant or self.tenant)):
             if v is not None:
                 body[k] = v

@@ -1,7 +1,8 @@
 """Jobs through the control API: submit, list, get, logs, stop (through ``aifactory.jobs.Client``).
 
-Submission tags the job with the key's tenant (an admin names the tenant); the client runs the cost
-package's admission (quotas, budgets) and audits the submission and any stop, once each.
+Submission tags the job with the key's tenant (an admin names the tenant); the client launches it through
+``aifactory.workloads.launch`` (admission against quotas and budgets, the run record, cost events) and audits
+the submission and any stop, once each.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def submit_job(body: JobSubmit, request: Request, principal: CurrentPrincipal) -
         workload=body.workload,
         num_cpus=body.num_cpus,
         num_gpus=body.num_gpus,
+        entrypoint_num_cpus=body.entrypoint_num_cpus,
+        entrypoint_num_gpus=body.entrypoint_num_gpus,
+        lane=body.lane,
         memory_bytes=body.memory_bytes,
     )
     return JobSubmitted(id=job_id, tenant=tenant)

@@ -4,7 +4,8 @@ A tenant's application is named ``<tenant>.<name>`` (a tenant name cannot contai
 unambiguous) and routed at ``/t/<tenant>/<name>``. A tenant acts only on its own applications and deploys
 only models registered for it (``manifest.tenant``), verified (signature and sha256) before Serve sees
 them; anything else answers 404. Applications outside this naming are the operators' (admins only).
-Deploys pass the cost package's admission; every change is audited once.
+Deploys go through the launch path (admission of the app's replicas x per-replica resources, the run
+record, cost events); every change is audited once.
 
 Response caches: a tenant reads and flushes only its own entries, in its own applications and in the
 operators' shared ones (where its requests are cached too); an admin names a tenant or acts on all.
@@ -103,7 +104,7 @@ def list_apps(request: Request, principal: CurrentPrincipal) -> list[ServeApp]:
 @router.post("/serve/apps", response_model=ServeApp, status_code=201, summary="Deploy a completions app")
 def deploy_app(body: ServeDeployBody, request: Request, principal: CurrentPrincipal) -> ServeApp:
     from aifactory.serve.config import CompletionsArgs
-    from aifactory.serve.deploy import completions_entry, deploy
+    from aifactory.serve.deploy import completions_entry, launch_app
 
     if principal.is_admin:
         if body.tenant is None:
@@ -115,18 +116,13 @@ def deploy_app(body: ServeDeployBody, request: Request, principal: CurrentPrinci
         tenant = principal.tenant
     home = state_of(request).home
     _, mv = _tenant_model(request, tenant, body.model_name, body.model_version)
-    try:
-        from aifactory.cost.admission import admit
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        admit(home, TenantRef(tenant=tenant), {"CPU": 1.0}, WorkloadKind.SERVE)
     app, route = f"{tenant}.{body.name}", f"/t/{tenant}/{body.name}"
     # A tenant's app answers only that tenant's factory API keys: Serve's HTTP port is reachable without the
     # control API, so the app itself must not take an X-Tenant header's word or serve another tenant.
     args = CompletionsArgs(model_name=mv.name, model_version=mv.version, home=str(home.root),
                            auth="factory-keys", tenants=[tenant])
-    status = deploy(_rest(request), completions_entry(args, name=app, route_prefix=route))
+    status = launch_app(_rest(request), completions_entry(args, name=app, route_prefix=route), args, home=home,
+                        tenant=TenantRef(tenant=tenant), actor=principal.actor)
     audit.record(home, actor=principal.actor, action="serve.deploy", target=app, tenant=tenant,
                  detail={"model": mv.ref, "sha256": mv.sha256, "route_prefix": route})
     return ServeApp(name=app, tenant=tenant, route_prefix=route, status=status.get("status"))

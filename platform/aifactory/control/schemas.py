@@ -36,8 +36,16 @@ class JobSubmit(StrictModel):
         "another tenant here is refused.",
     )
     workload: WorkloadKind = Field(default=WorkloadKind.OTHER, description="What kind of work this is.")
-    num_cpus: float | None = Field(default=None, ge=0, le=4096, description="CPUs reserved for the entrypoint.")
-    num_gpus: float | None = Field(default=None, ge=0, le=1024, description="GPUs reserved for the entrypoint.")
+    num_cpus: float | None = Field(default=None, ge=0, le=4096,
+                                   description="CPUs the job will hold at once in all, its tasks and actors included "
+                                               "(checked against the tenant's quota).")
+    num_gpus: float | None = Field(default=None, ge=0, le=1024,
+                                   description="GPUs the job will hold at once in all (checked against the quota).")
+    entrypoint_num_cpus: float | None = Field(default=None, ge=0, le=4096,
+                                              description="CPUs the driver process reserves (part of num_cpus).")
+    entrypoint_num_gpus: float | None = Field(default=None, ge=0, le=1024,
+                                              description="GPUs the driver process reserves (part of num_gpus).")
+    lane: Name | None = Field(default=None, description="The lane to queue in (default: factory).")
     memory_bytes: int | None = Field(default=None, ge=0, le=1 << 50, description="Memory reserved, in bytes.")
 
 

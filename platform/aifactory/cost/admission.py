@@ -1,8 +1,12 @@
 """Admission: refuse work that would exceed a tenant's quota or that belongs to a tenant over its hard budget.
 
-``admit(home, tenant, resources, workload)`` is called by ``aifactory.jobs.Client.submit`` and by the
-CLIs that start work (`factory train`, `factory serve deploy`, `factory bench run`). Soft budget limits
-admit the work but log a warning and record an alert (exported as a metric).
+``admit(home, tenant, resources, workload)`` is called by the one launch path,
+:func:`aifactory.workloads.launch`, and by nothing else. Quotas are checked against the tenant's live
+holdings from the always-on meter, and fail closed: when a tenant has a quota on a resource it asks for
+and the meter has no fresh sample, the work is refused (:class:`MeterUnavailable`) instead of being let
+through on the request alone. A request larger than the limit by itself is refused with
+:class:`QuotaExceeded` whatever the meter says. Soft budget limits admit the work but log a warning and
+record an alert (exported as a metric).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from aifactory.cost.budgets import load_budgets, period_start, spent_usd
-from aifactory.exceptions import BudgetExceeded, QuotaExceeded
+from aifactory.exceptions import BudgetExceeded, MeterUnavailable, QuotaExceeded
 from aifactory.tenancy import TenantRef, WorkloadKind
 
 log = logging.getLogger("aifactory.cost")
@@ -22,11 +26,13 @@ _QUOTA_KEYS = {"CPU": "cpu", "cpu": "cpu", "GPU": "gpu", "gpu": "gpu"}
 
 
 def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: WorkloadKind, *,
-          pool: str | None = None) -> None:
-    """Raise QuotaExceeded / BudgetExceeded if ``tenant`` may not start work needing ``resources``.
+          pool: str | None = None, lane: str | None = None) -> None:
+    """Raise QuotaExceeded / MeterUnavailable / BudgetExceeded if ``tenant`` may not start work needing
+    ``resources`` (everything the work will hold at once, in Ray's resource names).
 
     ``pool``: the node pool the work will run in, if the caller knows it. Work that names no pool may be
     placed in any pool, so it must fit every pool's quota of the tenant as well as the all-pools one.
+    ``lane``: named in the refusal, so that the one line says where the work was headed.
     """
     cfg = load_budgets(home)
     limits = cfg.tenants.get(tenant.tenant)
@@ -39,20 +45,20 @@ def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: Wor
         q = limits.quota
         scopes = [(None, q)]  # (pool or None for all pools, its limits)
         scopes += [(p, pq) for p, pq in sorted(q.pools.items()) if pool is None or p == pool]
-        warned: list[bool] = []
+        for scope, scope_limits in scopes:  # the request alone over a limit: refused, meter or not
+            check_quota(tenant.tenant, resources, scope_limits, pool=scope, lane=lane, in_use=lambda _r: {})
 
-        def in_use(scope: str | None) -> Mapping[str, float]:
+        def in_use(scope: str | None, resource: str) -> Mapping[str, float]:
             held = ledger.live(tenant.tenant, max_age_s=cfg.live_max_age_s, pool=scope)
             if held is None:
-                if not warned:
-                    log.warning("no fresh collector data for tenant %s: the quota check sees only this request",
-                                tenant.tenant)
-                    warned.append(True)
-                return {}
+                last = ledger.last_sample_at()
+                raise MeterUnavailable(tenant.tenant, resource, None if last is None else time.time() - last,
+                                       cfg.live_max_age_s)
             return held
 
         for scope, scope_limits in scopes:
-            check_quota(tenant.tenant, resources, scope_limits, pool=scope, in_use=lambda scope=scope: in_use(scope))
+            check_quota(tenant.tenant, resources, scope_limits, pool=scope, lane=lane,
+                        in_use=lambda resource, scope=scope: in_use(scope, resource))
     b = limits.budget
     if b is not None and (b.hard_usd is not None or b.soft_usd is not None):
         from aifactory.cost.pricebook import load_price_book
@@ -69,11 +75,11 @@ def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: Wor
 
 
 def check_quota(tenant: str, resources: Mapping[str, float], limits, *, pool: str | None,
-                in_use: Callable[[], Mapping[str, float]]) -> None:
+                in_use: Callable[..., Mapping[str, float]], lane: str | None = None) -> None:
     """Raise QuotaExceeded if held + requested exceeds a limit of ``limits`` (a Quota or PoolQuota).
 
-    ``in_use()`` gives the tenant's current holdings by quota field in that scope; it is read only when a
-    requested resource has a limit.
+    ``in_use(resource)`` gives the tenant's current holdings by quota field in that scope; it is read only
+    when a requested resource has a limit (and may raise, e.g. when the meter is not fresh).
     """
     held_by: Mapping[str, float] | None = None
     for key, amount in resources.items():
@@ -82,16 +88,7 @@ def check_quota(tenant: str, resources: Mapping[str, float], limits, *, pool: st
         if limit is None or not amount:
             continue
         if held_by is None:
-            held_by = in_use()
+            held_by = in_use(field.upper())
         held = float(held_by.get(field, 0.0))
         if held + float(amount) > limit:
-            raise QuotaExceeded(tenant, field.upper(), float(amount), float(limit), held, pool=pool)
-
-
-def admission_check(home) -> Callable[[TenantRef, Mapping[str, float], WorkloadKind], None]:
-    """``admit`` bound to ``home``, in the shape ``aifactory.jobs.Client(admission=[...])`` takes."""
-
-    def check(tenant: TenantRef, resources: Mapping[str, float], workload: WorkloadKind) -> None:
-        admit(home, tenant, resources, workload)
-
-    return check
+            raise QuotaExceeded(tenant, field.upper(), float(amount), float(limit), held, pool=pool, lane=lane)

@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS live (
     cluster TEXT NOT NULL, tenant TEXT NOT NULL, resource TEXT NOT NULL, amount REAL NOT NULL,
     updated_at REAL NOT NULL, PRIMARY KEY (cluster, tenant, resource)
 );
+CREATE TABLE IF NOT EXISTS meter_heartbeat (
+    cluster TEXT PRIMARY KEY, updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS live_pool (
     cluster TEXT NOT NULL, tenant TEXT NOT NULL, pool TEXT NOT NULL, resource TEXT NOT NULL, amount REAL NOT NULL,
     updated_at REAL NOT NULL, PRIMARY KEY (cluster, tenant, pool, resource)
@@ -196,6 +199,9 @@ class Ledger:
             db.execute("DELETE FROM live WHERE cluster=?", (cluster,))
             db.executemany("INSERT INTO live VALUES (?,?,?,?,?)",
                            [(cluster, t, r, a, now) for (t, r), a in amounts.items()])
+            # The heartbeat says the meter sampled now, also when nothing is held (no live rows at all).
+            db.execute("INSERT INTO meter_heartbeat VALUES (?,?) ON CONFLICT(cluster) DO UPDATE SET "
+                       "updated_at=excluded.updated_at", (cluster, now))
             db.execute("DELETE FROM live_pool WHERE cluster=?", (cluster,))
             db.executemany("INSERT INTO live_pool VALUES (?,?,?,?,?,?)",
                            [(cluster, t, p, r, a, now) for (t, r, p), a in (by_pool or {}).items()])
@@ -208,13 +214,35 @@ class Ledger:
             table, where = "live_pool", " AND pool = ?"
             args.append(pool)
         with self._connect() as db:
-            # Freshness is the collector's (the live table is written on every sample, even when empty).
-            fresh = db.execute("SELECT MAX(updated_at) FROM live").fetchone()[0]
+            fresh = self._last_sample(db)
             rows = db.execute(f"SELECT resource, SUM(amount) FROM {table} WHERE tenant=? AND updated_at > ?{where} "
                               "GROUP BY resource", args).fetchall()
         if fresh is None or fresh < time.time() - max_age_s:
             return None
         return {r: a for r, a in rows}
+
+    @staticmethod
+    def _last_sample(db: sqlite3.Connection) -> float | None:
+        # Freshness is the meter's heartbeat, written on every sample even when nothing is held.
+        row = db.execute("SELECT MAX(updated_at) FROM meter_heartbeat").fetchone()
+        return row[0] if row else None
+
+    def last_sample_at(self) -> float | None:
+        """When any meter writing to this ledger last sampled (None: never)."""
+        with self._connect() as db:
+            return self._last_sample(db)
+
+    def meter_health(self, cluster: str) -> dict[str, Any]:
+        """What ``factory status`` shows of a cluster's meter: last sample, commit lag, committed windows."""
+        now = time.time()
+        with self._connect() as db:
+            beat = db.execute("SELECT updated_at FROM meter_heartbeat WHERE cluster=?", (cluster,)).fetchone()
+            row = db.execute("SELECT cursor FROM collector_state WHERE cluster=?", (cluster,)).fetchone()
+            windows = db.execute("SELECT COUNT(DISTINCT window_start) FROM usage").fetchone()[0]
+        return {"cluster_id": cluster,
+                "last_sample_age_s": None if beat is None else round(now - beat[0], 1),
+                "commit_lag_s": None if row is None else round(now - row[0], 1),
+                "windows_committed": int(windows)}
 
     # --- serving usage, events, alerts ---------------------------------------------------------------
 

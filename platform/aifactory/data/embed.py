@@ -154,7 +154,17 @@ def _version(plan_digest: str, cfg: EmbedConfig, model: dict[str, Any]) -> str:
 
 
 def run_batch_embed(home: FactoryHome, cfg: EmbedConfig, *, tenant: TenantRef, log=lambda msg: None) -> EmbedResult:
-    """Embed ``cfg.source`` with an actor pool on the connected Ray cluster and publish the version."""
+    """Launch batch embedding of ``cfg.source`` through the front door (a ``batch-inference`` workload holding
+    the actor pool: actors x CPUs per actor) and publish the version."""
+    from aifactory.tenancy import WorkloadKind
+    from aifactory.workloads import Resources, Workload, launch
+
+    workload = Workload(kind=WorkloadKind.BATCH_INFERENCE, tenant=tenant, name=f"embed {MODEL_NAME}",
+                        resources=Resources.per_unit(cfg.num_actors, cpu=cfg.num_cpus_per_actor))
+    return launch(workload, home=home, run=lambda handle: _embed(home, cfg, tenant=tenant, handle=handle, log=log))
+
+
+def _embed(home: FactoryHome, cfg: EmbedConfig, *, tenant: TenantRef, handle, log) -> EmbedResult:
     import ray.data
 
     t0 = time.monotonic()
@@ -194,6 +204,7 @@ def run_batch_embed(home: FactoryHome, cfg: EmbedConfig, *, tenant: TenantRef, l
             raise ContractViolation(join(store.location, version), "shard.rows",
                                     f"{manifest.splits[SPLIT].rows} embeddings written for {len(rows)} passages")
         published = pending.commit(manifest)
+    handle.ref("embedding_version", version)
     log(f"embed: published {version} in {time.monotonic() - t0:.1f}s")
     return EmbedResult(published, cache_hit=pending.raced, seconds=time.monotonic() - t0)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -23,11 +23,6 @@ from aifactory.provenance import code_version, whoami
 from aifactory.tenancy import SLOClass, TenantRef, WorkloadKind, job_metadata, tags_from_metadata
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-# Checks run before anything is submitted (quotas, budgets). Each takes (tenant, resources, workload)
-# and raises a FactoryError to refuse. The cost package registers its admission check here.
-AdmissionCheck = Callable[[TenantRef, Mapping[str, float], WorkloadKind], None]
-
 
 class JobRecord(BaseModel):
     """One job on the cluster with its attribution."""
@@ -66,7 +61,6 @@ class Client:
         project: str = "default",
         *,
         home: FactoryHome | None = None,
-        admission: Sequence[AdmissionCheck] | None = None,
         actor: str | None = None,
     ):
         self.home = home or FactoryHome.from_env()
@@ -79,12 +73,6 @@ class Client:
         if resolved is None:
             raise ClusterUnreachable("(no address)", "no --address, no RAY_ADDRESS and no `factory up` cluster")
         self.address = resolved
-        if admission is None:
-            # Default: the cost package's quota and budget check (pass admission=() to skip it).
-            from aifactory.cost.admission import admission_check
-
-            admission = [admission_check(self.home)]
-        self._admission = list(admission)
         apply_ray_env(self.home)
         from ray.job_submission import JobSubmissionClient
 
@@ -103,57 +91,73 @@ class Client:
         runtime_env: Mapping[str, Any] | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
+        entrypoint_num_cpus: float | None = None,
+        entrypoint_num_gpus: float | None = None,
         memory_bytes: int | None = None,
+        lane: str | None = None,
         config: BaseModel | Mapping[str, Any] | None = None,
         submission_id: str | None = None,
         extra_metadata: Mapping[str, str] | None = None,
     ) -> str:
-        """Submit ``entrypoint`` tagged with this client's tenant; returns the submission id."""
+        """Submit ``entrypoint`` tagged with this client's tenant through the launch path; returns the
+        submission id.
+
+        ``num_cpus`` / ``num_gpus``: what the job will hold at once in all, its tasks and actors included
+        (what admission checks against the tenant's quota; the meter flags a job that holds more).
+        ``entrypoint_num_cpus`` / ``entrypoint_num_gpus``: what its driver process reserves, part of that
+        total, as ``ray job submit --entrypoint-num-cpus``.
+        """
+        from aifactory.workloads import DEFAULT_LANE, Resources, Workload, launch
+
         if self.tenant is None:
             raise FactoryError("a tenant is required to submit work: pass tenant= (CLI: --tenant)")
         if not isinstance(entrypoint, str):
             entrypoint = shlex.join(entrypoint)
         if not entrypoint.strip():
             raise FactoryError("the entrypoint is empty: give the command after `--`")
-        resources = {"CPU": float(num_cpus or 0), "GPU": float(num_gpus or 0)}
-        for check in self._admission:
-            check(self.tenant, resources, WorkloadKind(workload))
+        driver = Resources(cpu=float(entrypoint_num_cpus or 0), gpu=float(entrypoint_num_gpus or 0),
+                           memory_bytes=memory_bytes)
+        total = Resources(cpu=max(float(num_cpus or 0), driver.cpu), gpu=max(float(num_gpus or 0), driver.gpu),
+                          memory_bytes=memory_bytes)
+        spec = Workload(kind=WorkloadKind(workload), tenant=self.tenant, name=entrypoint[:200],
+                        lane=lane or DEFAULT_LANE, resources=total, entrypoint=driver,
+                        config_hash=_config_hash(config) if config is not None else None)
         code = code_version()
         meta = job_metadata(
             self.tenant,
             workload=workload,
             slo_class=slo_class,
-            config_hash=_config_hash(config) if config is not None else None,
+            config_hash=spec.config_hash,
             code_version=code.sha,
             code_dirty=code.dirty,
             submitted_by=self.actor,
-            extra=extra_metadata,
+            extra={**spec.metadata(), **dict(extra_metadata or {})},
         )
         env = dict(runtime_env or {})
         if working_dir:
             env["working_dir"] = working_dir
             env.setdefault("excludes", [".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache"])
         kwargs: dict[str, Any] = {}
-        if num_cpus is not None:
-            kwargs["entrypoint_num_cpus"] = num_cpus
-        if num_gpus is not None:
-            kwargs["entrypoint_num_gpus"] = num_gpus
+        if entrypoint_num_cpus is not None:
+            kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
+        if entrypoint_num_gpus is not None:
+            kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
         if memory_bytes is not None:
             kwargs["entrypoint_memory"] = int(memory_bytes)
-        try:
-            job_id = self._jobs.submit_job(
-                entrypoint=entrypoint,
-                metadata=meta,
-                runtime_env=env or None,
-                submission_id=submission_id,
-                **kwargs,
-            )
-        except (ConnectionError, OSError) as err:
-            raise ClusterUnreachable(self.address.dashboard_url, _first_line(err)) from None
-        audit.record(self.home, actor=self.actor, action="job.submit", target=job_id, tenant=self.tenant.tenant,
-                     detail={"project": self.tenant.project, "workload": WorkloadKind(workload).value,
-                             "entrypoint": entrypoint[:500], "resources": resources})
-        return job_id
+
+        def start(handle) -> str:
+            try:
+                job_id = self._jobs.submit_job(entrypoint=entrypoint, metadata=meta, runtime_env=env or None,
+                                               submission_id=submission_id, **kwargs)
+            except (ConnectionError, OSError) as err:
+                raise ClusterUnreachable(self.address.dashboard_url, _first_line(err)) from None
+            handle.ref("submission_id", job_id)
+            audit.record(self.home, actor=self.actor, action="job.submit", target=job_id, tenant=self.tenant.tenant,
+                         detail={"project": self.tenant.project, "workload": WorkloadKind(workload).value,
+                                 "entrypoint": entrypoint[:500], "resources": total.as_ray(), "lane": spec.lane})
+            return job_id
+
+        return launch(spec, home=self.home, run=start, actor=self.actor, detached=True)
 
     def list(self, tenant: str | None = None) -> list[JobRecord]:
         """Every job on the cluster, newest first; only ``tenant``'s when given."""

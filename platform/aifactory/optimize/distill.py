@@ -156,19 +156,14 @@ def run_distillation(home, teacher: str, spec: DistillSpec, *, batches=None,
     servable and VariantRejected is raised (the run manifest is written first).
     """
     import ray
-    import torch
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from aifactory.config import config_hash
-    from aifactory.models.gpt import GPT
-    from aifactory.optimize.gate import load_registered, measure, parse_ref, register_variant, validation_batches, variant_manifest
-    from aifactory.optimize.quantize import load_state
-    from aifactory.provenance import code_version
+    from aifactory.optimize.gate import parse_ref
     from aifactory.registry import ModelRegistry
+    from aifactory.tenancy import WorkloadKind
     from aifactory.train import runs
-    from aifactory.train.parallel import backend_for, resolve_use_gpu
-    from aifactory.train.runner import TrainingFailed, pin_dataset
+    from aifactory.train.parallel import resolve_use_gpu
+    from aifactory.train.runner import pin_dataset, train_workload
+    from aifactory.workloads import launch
 
     home = home.ensure()
     registry = ModelRegistry(home)
@@ -190,6 +185,26 @@ def run_distillation(home, teacher: str, spec: DistillSpec, *, batches=None,
     spec = spec.model_copy(update={"student": job})
     run_id = runs.new_run_id("distill")
     use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=ray.cluster_resources().get("GPU", 0))
+    workload = train_workload(job, use_gpu=use_gpu, kind=WorkloadKind.OPTIMIZE, name=f"distill {teacher_mv.ref}")
+    return launch(workload, home=home, record_id=run_id,
+                  run=lambda handle: _distill(home, registry, teacher_mv, spec, version, handle=handle,
+                                              use_gpu=use_gpu, batches=batches, log=log))
+
+
+def _distill(home, registry, teacher_mv, spec: DistillSpec, version, *, handle, use_gpu: bool, batches,
+             log: Callable[[str], None]):
+    """The launched distillation: the shared Ray Train launch over the distillation loop, then the gate."""
+    import torch
+
+    from aifactory.config import config_hash
+    from aifactory.models.gpt import GPT
+    from aifactory.optimize.gate import load_registered, measure, register_variant, validation_batches, variant_manifest
+    from aifactory.optimize.quantize import load_state
+    from aifactory.provenance import code_version
+    from aifactory.train import runs
+    from aifactory.train.runner import TrainingFailed, error_line, fit_trainer, storage_of
+
+    job, run_id = spec.student, handle.id
     code = str(code_version())
     manifest: dict[str, Any] = {
         "run_id": run_id, "kind": "distill", "status": "running", "tenant": job.tenant.tenant,
@@ -202,26 +217,16 @@ def run_distillation(home, teacher: str, spec: DistillSpec, *, batches=None,
         f"{job.precision} on {job.scaling.num_workers} {'GPU' if use_gpu else 'CPU'} workers, {job.steps} steps, "
         f"T={spec.temperature}, alpha={spec.alpha}, dataset {version.version}")
     payload = DistillPayload(spec=spec, teacher_ref=teacher_mv.ref, run_id=run_id, home_root=str(home.root))
-    trainer = TorchTrainer(
-        distill_loop_per_worker,
-        train_loop_config=payload.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        torch_config=TorchConfig(backend=backend_for(use_gpu)),
-        run_config=RunConfig(name=run_id, storage_path=job.checkpoint.storage_path or home.checkpoints,
-                             failure_config=FailureConfig(max_failures=job.max_failures)),
-    )
+    handle.ref("run_id", run_id)
     t0 = time.monotonic()
-    try:
-        result = trainer.fit()
-        error = getattr(result, "error", None)
-    except Exception as err:  # Ray wraps worker errors; keep the first line
-        result, error = None, err
+    result, error = fit_trainer(distill_loop_per_worker, payload.model_dump(mode="json"), run_id=run_id,
+                                storage=storage_of(job, home), num_workers=job.scaling.num_workers,
+                                cpus_per_worker=job.scaling.cpus_per_worker, use_gpu=use_gpu,
+                                max_failures=job.max_failures, keep_last=None)
     manifest["wall_s"] = round(time.monotonic() - t0, 2)
     if error is not None or result is None or result.checkpoint is None:
         manifest["status"] = "failed"
-        first = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "no checkpoint reported"
-        manifest["error"] = f"{type(error).__name__ if error else 'NoCheckpoint'}: {first}"
+        manifest["error"] = error_line(error, default="NoCheckpoint: no checkpoint reported")
         runs.write_manifest(home, run_id, manifest)
         raise TrainingFailed(run_id, manifest["error"])
     manifest["metrics"] = dict(result.metrics or {})
@@ -250,6 +255,7 @@ def run_distillation(home, teacher: str, spec: DistillSpec, *, batches=None,
         runs.write_manifest(home, run_id, manifest)
         raise
     manifest.update(status="succeeded", model_version=mv.version, finished_at=runs.utc_now())
+    handle.event("checkpoint_validated", f"validated:{mv.version}")
     runs.write_manifest(home, run_id, manifest)
     return mv, gate, manifest
 

@@ -175,6 +175,18 @@ def run_quantize(home, ref: str, spec, *, batches=None, log=lambda msg: None):
     the data plane (no Ray cluster needed). Returns ``(ModelVersion, GateResult)``; a variant
     that fails the gate is registered not-servable and VariantRejected is raised.
     """
+    from aifactory.config import config_hash
+    from aifactory.tenancy import WorkloadKind
+    from aifactory.workloads import Resources, Workload, launch
+
+    # One process quantizes and gates in place (no Ray workers): it holds one CPU while it runs.
+    workload = Workload(kind=WorkloadKind.OPTIMIZE, tenant=spec.tenant, name=f"quantize {ref} {spec.method}",
+                        resources=Resources(cpu=1.0), config_hash=config_hash(spec))
+    return launch(workload, home=home, run=lambda handle: _quantize(home, ref, spec, handle=handle,
+                                                                     batches=batches, log=log))
+
+
+def _quantize(home, ref: str, spec, *, handle, batches, log):
     import time
 
     from aifactory.config import config_hash
@@ -210,4 +222,6 @@ def run_quantize(home, ref: str, spec, *, batches=None, log=lambda msg: None):
         extra={"project": spec.tenant.project, "precision": method},
     )
     mv = register_variant(registry, parent_mv.name, variant.cpu(), manifest=manifest, result=result)
+    handle.ref("model", mv.ref)
+    handle.event("checkpoint_validated", f"validated:{mv.version}")
     return mv, result

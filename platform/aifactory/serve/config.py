@@ -161,6 +161,9 @@ class Limits(StrictModel):
 
     max_prompt_tokens: int = Field(192, ge=1, description="Longest prompt, in tokens.")
     max_tokens: int = Field(64, ge=1, description="Largest max_tokens a request may ask for.")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body, in bytes (larger answers 413 before it is parsed)."
+    )
 
 
 INGRESS_NUM_CPUS = 0.25
@@ -195,6 +198,16 @@ class CompletionsArgs(StrictModel):
     ingress_max_queued_requests: int = Field(512, ge=1, description="Requests waiting for the ingress.")
     default_slo_class: Literal["interactive", "batch"] = Field("interactive", description="Class without a header.")
 
+    def resources(self):
+        """What the app holds at its peak: each model deployment's max replicas x CPUs per replica, plus the
+        ingress replicas (admission counts the peak, since autoscaling may reach it unasked)."""
+        from aifactory.workloads.spec import Resources
+
+        total = Resources.per_unit(self.ingress_replicas, cpu=INGRESS_NUM_CPUS)
+        for c in (self.interactive, self.batch, self.canary):
+            total = total + Resources.per_unit(c.autoscaling.max_replicas, cpu=c.num_cpus)
+        return total
+
 
 class EmbeddingsArgs(StrictModel):
     """Arguments of ``serve_apps.embeddings:app_builder``."""
@@ -218,6 +231,17 @@ class EmbeddingsArgs(StrictModel):
     )
     max_inputs: int = Field(256, ge=1, description="Most inputs one request may send.")
     max_input_chars: int = Field(8192, ge=1, description="Longest input string.")
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024,
+        description="Largest request body, in bytes (larger answers 413 before it is parsed); the default holds "
+        "max_inputs texts of max_input_chars ASCII characters with room to spare.",
+    )
+
+    def resources(self):
+        """What the app holds at its peak: max replicas x CPUs per replica."""
+        from aifactory.workloads.spec import Resources
+
+        return Resources.per_unit(self.autoscaling.max_replicas, cpu=self.num_cpus)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig, description="Rate limits.")
     home: str | None = Field(None, description="Factory home holding the API key store (default $AIFACTORY_HOME).")
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (auth 'header' only).")

@@ -107,6 +107,27 @@ def deploy(rest: ServeREST, entry: dict, *, http_port: int | None = None, wait_s
     return wait_running(rest, entry["name"], wait_s=wait_s)
 
 
+def launch_app(rest: ServeREST, entry: dict, app_args: CompletionsArgs | EmbeddingsArgs, *, home, tenant,
+               actor: str | None = None, http_port: int | None = None, wait_s: float = 300.0) -> dict:
+    """Deploy an app through the front door: a ``serve`` workload of ``tenant`` holding what ``app_args`` say
+    at peak (replicas x per-replica resources), admitted, recorded and metered; returns the app's status.
+
+    The deployment runs on after this returns, so its record ends as ``started``; Serve replicas are then
+    metered by application and deployment with no factory code in them.
+    """
+    from aifactory.tenancy import WorkloadKind
+    from aifactory.workloads import Workload, launch
+
+    workload = Workload(kind=WorkloadKind.SERVE, tenant=tenant, name=f"serve {entry['name']}",
+                        resources=app_args.resources())
+
+    def start(handle) -> dict:
+        handle.ref("app", entry["name"])
+        return deploy(rest, entry, http_port=http_port, wait_s=wait_s)  # raises unless RUNNING
+
+    return launch(workload, home=home, run=start, actor=actor, detached=True)
+
+
 def live_user_config(details: dict, app: str, deployment: str) -> dict:
     """The ``user_config`` a deployment of ``app`` runs with now, from :meth:`ServeREST.details`."""
     dep = (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}).get(deployment) or {}

@@ -50,7 +50,8 @@ def serve_stage(ctx: RunContext) -> StageResult:
     app = "completions"
     t0 = time.monotonic()
     try:
-        deploy.deploy(rest, deploy.completions_entry(args, name=app), http_port=port, wait_s=180)
+        deploy.launch_app(rest, deploy.completions_entry(args, name=app), args, home=ctx.home, tenant=ctx.tenant,
+                          http_port=port, wait_s=180)
         deploy_s = time.monotonic() - t0
         ctx.log(f"  serve: {name}:{version} deployed in {deploy_s:.1f}s on http://127.0.0.1:{port}/{app}")
         base = f"http://127.0.0.1:{port}/{app}"

@@ -38,6 +38,12 @@ class ScalingSpec(StrictModel):
     )
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs each worker reserves.")
 
+    def resources(self, *, use_gpu: bool):
+        """What the run holds at once: workers x (CPUs per worker + one GPU each when on GPUs)."""
+        from aifactory.workloads.spec import Resources
+
+        return Resources.per_unit(self.num_workers, cpu=self.cpus_per_worker, gpu=1.0 if use_gpu else 0.0)
+
 
 class OptimizerSpec(StrictModel):
     lr: float = Field(default=3e-3, gt=0, le=1.0, description="Peak learning rate (AdamW).")

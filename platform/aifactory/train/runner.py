@@ -49,25 +49,23 @@ class TrainOutcome:
         return self.metrics.get("val_loss")
 
 
-def _record_cost_events(home: FactoryHome, job: TrainJob, run_id: str, manifest: dict[str, Any]) -> None:
-    """Tell the cost ledger about the run's outcome, so "cost per validated checkpoint" counts failed runs too.
+def record_outcome_events(handle, manifest: dict[str, Any]) -> None:
+    """The run's retries and validated checkpoints as cost events of its workload (``run`` and
+    ``run_failed`` come from the launch path), so "cost per validated checkpoint" counts failed runs too."""
+    metrics = manifest.get("metrics") or {}
+    for i, _ in enumerate(metrics.get("restarts") or []):
+        handle.event("retry", f"retry:{i}")
+    for reg in metrics.get("registered") or []:
+        handle.event("checkpoint_validated", f"validated:{reg['version']}")
 
-    Keys are derived from the run id, so recording the same outcome twice counts once.
-    """
-    import ray
 
-    from aifactory.cost.ledger import Ledger
+def train_workload(job: TrainJob, *, use_gpu: bool, kind=None, name: str | None = None):
+    """The workload a training run is launched as: its tenant, and workers x per-worker resources."""
+    from aifactory.tenancy import WorkloadKind
+    from aifactory.workloads import Workload
 
-    ledger = Ledger(home.ledger_path)
-    job_id = ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
-    common = {"tenant": job.tenant.tenant, "project": job.tenant.project, "job_id": job_id}
-    ledger.record_event(key=f"{run_id}:run", kind="run", **common)
-    if manifest["status"] == "failed":
-        ledger.record_event(key=f"{run_id}:failed", kind="run_failed", **common)
-    for i, _ in enumerate((manifest.get("metrics") or {}).get("restarts") or []):
-        ledger.record_event(key=f"{run_id}:retry:{i}", kind="retry", **common)
-    for reg in (manifest.get("metrics") or {}).get("registered") or []:
-        ledger.record_event(key=f"{run_id}:validated:{reg['version']}", kind="checkpoint_validated", **common)
+    return Workload(kind=kind or WorkloadKind.TRAIN, tenant=job.tenant, name=name or job.model.name,
+                    resources=job.scaling.resources(use_gpu=use_gpu), config_hash=config_hash(job))
 
 
 def pin_dataset(job: TrainJob, home: FactoryHome, *, checksum: bool = True):
@@ -96,22 +94,81 @@ def run_training(
     job: TrainJob, *, home: FactoryHome, run_id: str | None = None, parent_run: str | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> TrainOutcome:
-    """Run ``job`` on the connected cluster; return the outcome (raises TrainingFailed on failure)."""
+    """Launch ``job`` on the connected cluster through the front door (admission, run record, cost events);
+    return the outcome (raises QuotaExceeded/BudgetExceeded before anything starts, TrainingFailed on
+    failure)."""
     import ray
+
+    from aifactory.train.parallel import resolve_use_gpu
+    from aifactory.workloads import launch
+
+    if not ray.is_initialized():
+        raise FactoryError("run_training needs a connected Ray driver: call it from an entrypoint "
+                           "(`factory train`, `python -m jobs.train`) or after ray.init()")
+    home = home.ensure()
+    use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=ray.cluster_resources().get("GPU", 0))
+    run_id = run_id or runs.new_run_id()
+    return launch(train_workload(job, use_gpu=use_gpu), home=home, record_id=run_id,
+                  run=lambda handle: _fit(job, home=home, handle=handle, use_gpu=use_gpu, parent_run=parent_run,
+                                          log=log))
+
+
+def fit_trainer(train_loop, payload: dict[str, Any], *, run_id: str, storage: str, num_workers: int,
+                cpus_per_worker: float, use_gpu: bool, max_failures: int, keep_last: int | None,
+                callbacks: list | None = None):
+    """The Ray Train launch every trainer of the factory shares (training, distillation): a TorchTrainer on
+    ``num_workers`` workers, gloo or NCCL by device, DCP checkpoints under ``storage/run_id`` (benchmark
+    trials add Tune's report callback). Returns
+    ``(result or None, error or None)``: Ray wraps worker errors in TrainingFailedError."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from aifactory.train.parallel import backend_for
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend=backend_for(use_gpu)),
+        run_config=RunConfig(
+            name=run_id, storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        result = trainer.fit()
+        return result, getattr(result, "error", None)
+    except Exception as err:  # noqa: BLE001 - returned to the caller, which records it in the run manifest
+        return None, err
+
+
+def error_line(error: BaseException | None, default: str = "") -> str:
+    """``Type: first line`` of an error, for run manifests and one-line CLI messages."""
+    if error is None:
+        return default
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def storage_of(job: TrainJob, home: FactoryHome) -> str:
+    storage = job.checkpoint.storage_path or home.checkpoints
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def _fit(job: TrainJob, *, home: FactoryHome, handle, use_gpu: bool, parent_run: str | None,
+         log: Callable[[str], None]) -> TrainOutcome:
     from aifactory.provenance import code_version
     from aifactory.train.loop import WorkerPayload, train_loop_per_worker
-    from aifactory.train.parallel import backend_for, resolve_use_gpu
+    from aifactory.train.parallel import backend_for
 
-    home = home.ensure()
+    run_id = handle.id
     job, version = pin_dataset(job, home)
-    run_id = run_id or runs.new_run_id()
-    use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=ray.cluster_resources().get("GPU", 0))
-    storage = job.checkpoint.storage_path or home.checkpoints
-    if not is_uri(storage):
-        storage = str(Path(storage).expanduser().resolve())
+    storage = storage_of(job, home)
     code = code_version()
     payload = WorkerPayload(
         job=job, run_id=run_id, home_root=str(home.root),
@@ -125,42 +182,26 @@ def run_training(
         "use_gpu": use_gpu, "backend": backend_for(use_gpu), "storage_path": storage, "started_at": runs.utc_now(),
     }
     runs.write_manifest(home, run_id, manifest)
+    handle.ref("run_id", run_id)
     log(f"train {run_id}: {job.model.name} {job.sharding}+{job.precision} on {job.scaling.num_workers} "
         f"{'GPU' if use_gpu else 'CPU'} workers, dataset {version.version}, {job.steps} steps")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=payload.model_dump(mode="json"),
-        scaling_config=ScalingConfig(
-            num_workers=job.scaling.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        torch_config=TorchConfig(backend=backend_for(use_gpu)),
-        run_config=RunConfig(
-            name=run_id, storage_path=storage,
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_last),
-        ),
-    )
     t0 = time.monotonic()
-    try:
-        result = trainer.fit()
-        error = getattr(result, "error", None)
-    except Exception as err:  # Ray wraps worker errors in TrainingFailedError; keep the first line
-        result, error = None, err
+    result, error = fit_trainer(train_loop_per_worker, payload.model_dump(mode="json"), run_id=run_id,
+                                storage=storage, num_workers=job.scaling.num_workers,
+                                cpus_per_worker=job.scaling.cpus_per_worker, use_gpu=use_gpu,
+                                max_failures=job.max_failures, keep_last=job.checkpoint.keep_last)
     manifest["wall_s"] = round(time.monotonic() - t0, 2)
     manifest["finished_at"] = runs.utc_now()
     if result is not None:
         manifest["metrics"] = dict(result.metrics or {})
         manifest["checkpoint_path"] = getattr(result.checkpoint, "path", None)
+    manifest["status"] = "failed" if error is not None else "succeeded"
     if error is not None:
-        manifest["status"] = "failed"
-        manifest["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        runs.write_manifest(home, run_id, manifest)
-        _record_cost_events(home, job, run_id, manifest)
-        raise TrainingFailed(run_id, manifest["error"])
-    manifest["status"] = "succeeded"
+        manifest["error"] = error_line(error)
     runs.write_manifest(home, run_id, manifest)
-    _record_cost_events(home, job, run_id, manifest)
+    record_outcome_events(handle, manifest)
+    if error is not None:
+        raise TrainingFailed(run_id, manifest["error"])
     log(f"train {run_id}: done in {manifest['wall_s']:.1f}s, val_loss {manifest['metrics'].get('val_loss')}")
     return TrainOutcome(run_id, manifest)
 
