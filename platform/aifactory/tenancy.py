@@ -26,7 +26,10 @@ PLATFORM_TENANT = "platform"
 """The tenant of the operators' own work (shared apps deployed without --tenant); an ordinary tenant name,
 so a budget or quota can be set on it like on any other."""
 
-_RESERVED = {UNATTRIBUTED, IDLE}
+UNKNOWN = "unknown"
+"""The pseudo-tenant of capacity held during a meter outage by holders whose share cannot be known."""
+
+_RESERVED = {UNATTRIBUTED, IDLE, UNKNOWN}
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 

@@ -5,11 +5,14 @@ Two pieces, neither touching Ray:
 - :class:`Tracker` turns periodic snapshots of holders (jobs, actors, tasks, placement groups) into
   intervals. Where Ray reports a start or end time it is used exactly; where it does not, the edge is
   put at the midpoint between the two samples that bracket it (error <= half the sampling period).
+  After an outage (samples further apart than ``max_gap_s``) a midpoint could be wrong by half the
+  outage, so an unseen edge is not guessed: the holder is billed up to the last sample that saw it
+  (or from the first), and the gap is a holding of the pseudo-tenant ``unknown``.
 - :func:`attribute` sweeps the intervals of one window against the cluster's capacity and returns
-  usage records for every holder, plus ``unattributed`` (untagged holders) and ``idle`` (capacity that
-  nothing held), such that per resource and node pool: sum of records == capacity x window length. If holders
-  momentarily claim more than the capacity (a sampling race), they are scaled down to it, so the
-  invariant holds by construction.
+  usage records for every holder, plus ``unattributed`` (untagged holders), ``idle`` (capacity that
+  nothing held) and ``unknown`` (outage gaps), such that per resource and node pool: sum of records ==
+  capacity x window length. If holders momentarily claim more than the capacity (a sampling race), they
+  are scaled down to it, so the invariant holds by construction.
 
 Resources are keyed by :data:`ResourceKey`: ``(resource, sku)`` on nodes without pool labels, and
 ``(resource, sku, pool, pricing_class)`` on a labelled node (see :func:`resource_key`), so each pool's
@@ -22,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from aifactory.cost.records import DEFAULT_POOL, PricingClass, Resource, UsageRecord
+from aifactory.cost.records import DEFAULT_POOL, UNKNOWN, PricingClass, Resource, UsageRecord
 from aifactory.tenancy import IDLE
 
 # (resource, sku), e.g. ("cpu", "cpu"), ("gpu", "H100"); on a labelled node (resource, sku, pool,
@@ -99,9 +102,14 @@ class Tracker:
     closed: dict[str, Holding] = field(default_factory=dict)
     last_t: float | None = None
     horizon: float = 0.0  # intervals ending before this were committed; ignore them if seen again
+    # Samples further apart than this are an outage (the collector sets 3 sample intervals); None: never.
+    max_gap_s: float | None = None
+    # Outage gaps: tenant UNKNOWN holdings over [last sample, next sample) of holders whose edge fell there.
+    gaps: list[Holding] = field(default_factory=list)
 
     def observe(self, t: float, observed: Iterable[Holding]) -> None:
         prev = self.last_t
+        outage = prev is not None and self.max_gap_s is not None and t - prev > self.max_gap_s
         seen = set()
         for obs in observed:
             if obs.end is not None and obs.end <= self.horizon:
@@ -110,6 +118,7 @@ class Tracker:
                 # Seen again after we inferred its end (a partial state-API answer, a restart): it never
                 # stopped holding. Reopen it, or take the end Ray now reports.
                 gone = self.closed[obs.holder]
+                self._drop_gaps(obs.holder, since=gone.end)  # its end is known now: no unknown after it
                 if obs.end is not None:
                     self.closed[obs.holder] = replace(gone, end=obs.end)
                 else:
@@ -121,7 +130,10 @@ class Tracker:
             current = self.open.get(obs.holder)
             if current is None:
                 start = obs.start
-                if start is None:
+                if start is None and outage:
+                    start = t
+                    self._add_gap(obs, prev, t)
+                elif start is None:
                     start = t if prev is None else (prev + t) / 2
                 current = replace(obs, start=start)
             else:
@@ -134,18 +146,38 @@ class Tracker:
                 self.open[obs.holder] = current
         for holder in [h for h in self.open if h not in seen]:
             gone = self.open.pop(holder)
-            end = t if prev is None else (prev + t) / 2
+            if outage:
+                end = max(prev, gone.start or prev)
+                self._add_gap(gone, end, t)
+            else:
+                end = t if prev is None else (prev + t) / 2
             self.closed[holder] = replace(gone, end=max(end, gone.start or end))
         self.last_t = t
 
+    def _add_gap(self, h: Holding, start: float, end: float) -> None:
+        if end > start:
+            self.gaps.append(Holding(h.holder, UNKNOWN, h.resources, start=start, end=end, workload=h.workload,
+                                     job_id=h.job_id, deployment=h.deployment))
+
+    def _drop_gaps(self, holder: str, *, since: float) -> None:
+        self.gaps = [g for g in self.gaps if not (g.holder == holder and (g.start or 0.0) >= since)]
+
     def holdings(self) -> list[Holding]:
-        return [*self.open.values(), *self.closed.values()]
+        return [*self.open.values(), *self.closed.values(), *self.gaps]
 
     def prune(self, before: float) -> None:
         """Forget intervals that ended before ``before`` (their windows are committed)."""
         self.horizon = max(self.horizon, before)
         for holder in [h for h, v in self.closed.items() if v.end is not None and v.end <= before]:
             del self.closed[holder]
+        self.gaps = [g for g in self.gaps if g.end is None or g.end > before]
+
+    def pruned(self, before: float) -> Tracker:
+        """A copy of this tracker after :meth:`prune`; this one is left as it was, so that a commit that
+        fails can be retried from it."""
+        out = replace(self, open=dict(self.open), closed=dict(self.closed), gaps=list(self.gaps))
+        out.prune(before)
+        return out
 
     def to_json(self) -> dict:
         return {
@@ -153,6 +185,8 @@ class Tracker:
             "closed": [h.to_json() for h in self.closed.values()],
             "last_t": self.last_t,
             "horizon": self.horizon,
+            "max_gap_s": self.max_gap_s,
+            "gaps": [h.to_json() for h in self.gaps],
         }
 
     @classmethod
@@ -164,6 +198,8 @@ class Tracker:
             closed={h["holder"]: Holding.from_json(h) for h in d.get("closed", [])},
             last_t=d.get("last_t"),
             horizon=d.get("horizon", 0.0),
+            max_gap_s=d.get("max_gap_s"),
+            gaps=[Holding.from_json(h) for h in d.get("gaps", [])],
         )
 
 
@@ -189,7 +225,8 @@ def attribute(
     region: str = "local",
     pricing_class: PricingClass = PricingClass.ON_DEMAND,
 ) -> list[UsageRecord]:
-    """Usage records of one window: every holder's share, and ``idle`` for the rest of the capacity.
+    """Usage records of one window: every holder's share (``unknown`` for outage gaps), and ``idle`` for
+    the rest of the capacity.
 
     Per resource key, i.e. per node pool: records on a pool's keys carry that pool and its pricing class
     (``pricing_class`` where the node declared none); ``region`` and ``pricing_class`` apply otherwise.

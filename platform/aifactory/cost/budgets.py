@@ -9,15 +9,21 @@ Configured in ``<home>/budgets.yaml``::
 
 A tenant without an entry has no limits. Spending is read from the ledger and priced with the price
 book; concurrent holdings come from the collector's live table.
+
+Every number must be finite (``.inf``, ``1e400`` or ``nan`` is refused with an error naming the field), and
+the file is replaced atomically, so that it always reads back.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, FiniteFloat, model_validator
 
 from aifactory.config import StrictModel, parse_config, read_yaml
 from aifactory.cost.pricebook import PriceBook
@@ -30,8 +36,8 @@ Period = Literal["day", "week", "month"]
 
 class Budget(StrictModel):
     period: Period = Field(default="month", description="Budget period, in UTC: day, week (Monday) or month.")
-    soft_usd: float | None = Field(default=None, ge=0, description="Alert (log line + metric) above this spend.")
-    hard_usd: float | None = Field(default=None, ge=0, description="Refuse new work at or above this spend.")
+    soft_usd: FiniteFloat | None = Field(default=None, ge=0, description="Alert (log line + metric) above this spend.")
+    hard_usd: FiniteFloat | None = Field(default=None, ge=0, description="Refuse new work at or above this spend.")
 
     @model_validator(mode="after")
     def _order(self) -> Budget:
@@ -41,13 +47,15 @@ class Budget(StrictModel):
 
 
 class PoolQuota(StrictModel):
-    cpu: float | None = Field(default=None, ge=0, description="Most CPUs the tenant may hold at once in this pool.")
-    gpu: float | None = Field(default=None, ge=0, description="Most GPUs the tenant may hold at once in this pool.")
+    cpu: FiniteFloat | None = Field(default=None, ge=0,
+                                    description="Most CPUs the tenant may hold at once in this pool.")
+    gpu: FiniteFloat | None = Field(default=None, ge=0,
+                                    description="Most GPUs the tenant may hold at once in this pool.")
 
 
 class Quota(StrictModel):
-    cpu: float | None = Field(default=None, ge=0, description="Most CPUs the tenant may hold at once, all pools.")
-    gpu: float | None = Field(default=None, ge=0, description="Most GPUs the tenant may hold at once, all pools.")
+    cpu: FiniteFloat | None = Field(default=None, ge=0, description="Most CPUs the tenant may hold at once, all pools.")
+    gpu: FiniteFloat | None = Field(default=None, ge=0, description="Most GPUs the tenant may hold at once, all pools.")
     pools: dict[str, PoolQuota] = Field(
         default_factory=dict,
         description="Node pool (aifactory.io/pool label) -> limits within that pool, beside the all-pools ones.",
@@ -68,7 +76,7 @@ class TenantLimits(StrictModel):
 
 class BudgetsConfig(StrictModel):
     tenants: dict[TenantName, TenantLimits] = Field(default_factory=dict, description="Limits by tenant.")
-    live_max_age_s: float = Field(
+    live_max_age_s: FiniteFloat = Field(
         default=120.0, gt=0, description="Holdings older than this are stale: quotas then check the request alone."
     )
 
@@ -78,18 +86,31 @@ def budgets_path(home) -> str:
 
 
 def load_budgets(home) -> BudgetsConfig:
-    path = home.root / "budgets.yaml"
+    path = Path(budgets_path(home))
     if not path.is_file():
         return BudgetsConfig()
     return parse_config(BudgetsConfig, read_yaml(path), source=str(path))
 
 
 def save_budgets(home, config: BudgetsConfig) -> None:
+    """Replace ``budgets.yaml`` atomically (temp file + rename): a reader sees the old file or the new one,
+    never half of one, and a crash mid-write leaves the old one."""
     import yaml
 
-    home.root.mkdir(parents=True, exist_ok=True)
-    (home.root / "budgets.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True),
-                                                           sort_keys=True))
+    path = Path(budgets_path(home))
+    data = config.model_dump(mode="json", exclude_none=True)
+    parse_config(BudgetsConfig, data, source=str(path))  # write only what load_budgets will read back
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".budgets.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(yaml.safe_dump(data, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def period_start(period: Period, now: float) -> float:

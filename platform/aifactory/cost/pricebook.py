@@ -8,14 +8,15 @@ without labels), are priced by the book's rates as before.
 
 The default book ships in the package (``pricebook.default.yaml``); ``<home>/pricebook.yaml`` or an
 explicit path replaces it. Loading validates everything at once (duplicate rates, negative prices, a
-missing CPU or memory rate) and raises one :class:`~aifactory.exceptions.ConfigError`.
+price that is not a finite number, a missing CPU or memory rate) and raises one
+:class:`~aifactory.exceptions.ConfigError`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, FiniteFloat, model_validator
 
 from aifactory.config import StrictModel, parse_config, read_yaml
 from aifactory.cost.records import DEFAULT_POOL, POOL_NAME, POOL_NAME_RULE, PricingClass, Resource
@@ -44,11 +45,11 @@ class Rate(StrictModel):
     resource: Resource = Field(description="cpu, gpu, memory (GiB) or asic.")
     sku: str = Field(min_length=1, description="'cpu', 'gib' or an accelerator type such as H100, L4.")
     region: str = Field(default=ANY_REGION, min_length=1, description="Region, or '*' for every region.")
-    on_demand_usd_per_hour: float = Field(ge=0, description="On-demand USD per resource-hour.")
-    reserved_usd_per_hour: float | None = Field(
+    on_demand_usd_per_hour: FiniteFloat = Field(ge=0, description="On-demand USD per resource-hour.")
+    reserved_usd_per_hour: FiniteFloat | None = Field(
         default=None, ge=0, description="Reserved (committed) USD per resource-hour; default: on-demand."
     )
-    spot_usd_per_hour: float | None = Field(
+    spot_usd_per_hour: FiniteFloat | None = Field(
         default=None, ge=0, description="Spot (preemptible) USD per resource-hour; default: on-demand."
     )
 
@@ -88,7 +89,9 @@ class PoolRate(StrictModel):
     resource: Resource = Field(description="cpu, gpu, memory (GiB) or asic.")
     sku: str = Field(min_length=1, description="'cpu', 'gib' or an accelerator type such as H100, L4.")
     region: str = Field(default=ANY_REGION, min_length=1, description="Region, or '*' for every region.")
-    usd_per_hour: float = Field(ge=0, description="This pool's USD per resource-hour, whatever its pricing class.")
+    usd_per_hour: FiniteFloat = Field(
+        ge=0, description="This pool's USD per resource-hour, whatever its pricing class."
+    )
 
 
 class Pool(StrictModel):

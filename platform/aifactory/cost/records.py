@@ -37,6 +37,12 @@ POOL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 POOL_NAME_RULE = "a label value: letters, digits, '-', '_', '.', starting and ending with a letter or digit, at most 63 chars"
 
 
+# The pseudo-tenant of capacity whose holder is not known: during a sampling outage (a gap between samples
+# of several sample intervals), what a holder that ended or began unseen in the gap held there. Reports
+# show it as its own line, beside ``idle`` and ``unattributed``; nobody is billed for it.
+UNKNOWN = "unknown"
+
+
 # SKU of resources that have no accelerator type.
 SKU_CPU = "cpu"
 SKU_MEMORY = "gib"
@@ -50,7 +56,7 @@ class UsageRecord(BaseModel):
 
     window_start: float = Field(description="Window start, Unix seconds.")
     window_end: float = Field(description="Window end, Unix seconds (exclusive).")
-    tenant: str = Field(description="Tenant, or 'unattributed' / 'idle'.")
+    tenant: str = Field(description="Tenant, or 'unattributed' / 'idle' / 'unknown' (a sampling outage).")
     project: str = Field(default="default", description="Project within the tenant.")
     workload: str = Field(default="other", description="WorkloadKind value of the holder's job.")
     job_id: str = Field(default="", description="Ray job id (hex) or submission id; '' for idle.")
