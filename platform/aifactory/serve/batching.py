@@ -12,6 +12,10 @@ together and so fill batches).
 requests to the lane and returns at once (so batches never queue at Serve's gate), and the lane runs the
 model on one worker thread; each call takes every request that arrived while the previous call ran, up to
 ``max_items``. An idle lane starts at once, so at low load a request waits only ``@serve.batch``'s window.
+
+A call holds different tenants' requests, so one request whose items make the model raise (text the
+tokenizer cannot encode, say) must not fail the others: :func:`isolate_failures` runs the model so that each
+failing item gets its exception in its place, and the lane fails only the request holding it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class BatchLane:
     ``submit(items)`` queues one request's items and returns a future of that request's outputs. While a
     call runs, submissions wait; the next call merges them in arrival order up to ``max_items`` items (a
     request is never split; one larger than ``max_items`` runs alone). An exception from ``fn`` is set on
-    the future of every request in that call. Cancelled futures (the client left) are dropped unrun.
+    the future of every request in that call; an exception that ``fn`` returns as an item's output is set on
+    the future of that item's request only. Cancelled futures (the client left) are dropped unrun.
     Every method must be called from the event loop that owns the lane.
     """
 
@@ -91,6 +96,31 @@ class BatchLane:
                 continue
             i = 0
             for items, fut in call:
-                if not fut.done():
-                    fut.set_result(outputs[i:i + len(items)])
+                mine = outputs[i:i + len(items)]
                 i += len(items)
+                if fut.done():
+                    continue
+                failed = next((o for o in mine if isinstance(o, BaseException)), None)
+                if failed is not None:
+                    fut.set_exception(failed)
+                else:
+                    fut.set_result(mine)
+
+
+def isolate_failures(fn: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> list[Any]:
+    """``fn(items)``, except that where it raises, each item that fails on its own gets its exception in place
+    of its output and the others get theirs (a :class:`BatchLane` then fails only the requests holding the
+    failed items).
+
+    A failed call is split in halves and each half run again, down to single items: k failing items among n
+    cost O(k log n) more calls, and a call with none costs nothing extra."""
+    try:
+        outputs = list(fn(items))
+    except Exception as err:
+        if len(items) <= 1:
+            return [err] * len(items)
+        mid = len(items) // 2
+        return isolate_failures(fn, items[:mid]) + isolate_failures(fn, items[mid:])
+    if len(outputs) != len(items):
+        raise RuntimeError(f"batch function returned {len(outputs)} outputs for {len(items)} items")
+    return outputs

@@ -7,6 +7,10 @@ Batching: rows of one model call share a KV cache and decode in lockstep, which 
 (:class:`aifactory.models.gpt.GPT` takes one ``start_pos`` per call). :func:`group_by_length` splits a batch
 into such groups; each row's prompt is prefilled on its own (reusing the prefix cache), copied into the
 group's cache, and then every decode step runs once for the whole group.
+
+Isolation: the rows of a batch are different tenants' requests, so what raises for one row (its seed, its
+prefill, its sampling) ends that row alone, with a :class:`GenResult` whose ``error`` says why; the other
+rows decode on. Only the group's shared forward pass can fail a whole group.
 """
 
 from __future__ import annotations
@@ -80,10 +84,11 @@ class GenItem:
 @dataclass
 class GenResult:
     tokens: list[int]
-    finish_reason: str
+    finish_reason: str  # "stop", "length", or "error" (then ``error`` says why)
     prefix_hit_tokens: int = 0
     version: str = ""
     timings: dict = field(default_factory=dict)
+    error: str | None = None  # this row failed ("TypeName: message"); ``tokens`` holds what it decoded first
 
 
 @dataclass
@@ -110,6 +115,7 @@ class Decoder:
         self.prefix_cache = prefix_cache
 
     def generate(self, items: Sequence[GenItem]) -> list[GenResult]:
+        """Each row's result, in order; a row that failed has ``error`` set and the others are unaffected."""
         out: list[GenResult | None] = [None] * len(items)
         for deltas in self.stream(items):
             for i, d in enumerate(deltas):
@@ -162,7 +168,10 @@ class Decoder:
         return logits[0], start
 
     def _group_steps(self, items: list[GenItem]) -> Iterator[list[GenDelta | None]]:
-        """Decode one group of equal-length prompts in lockstep, yielding each step's deltas."""
+        """Decode one group of equal-length prompts in lockstep, yielding each step's deltas.
+
+        A row whose own work raises ends in that step with ``error`` set; the shared forward pass keeps
+        feeding it a placeholder token (rows never attend to each other, so the others decode unchanged)."""
         import torch
 
         model = self.loaded.model
@@ -172,43 +181,58 @@ class Decoder:
         total = min(n + steps, self.loaded.seq_len)
         cache = model.new_kv_cache(b, max_len=total)
         t0 = time.monotonic()
-        rows = [self._prefill_row(it.tokens, cache, r, it.tenant) for r, it in enumerate(items)]
-        logits = torch.stack([r[0] for r in rows])
-        t_prefill = time.monotonic() - t0
-        gens = [torch.Generator().manual_seed(it.seed) if it.seed is not None else None for it in items]
         generated: list[list[int]] = [[] for _ in items]
         done = [False] * b
         finish = ["length"] * b
+        errors: list[str | None] = [None] * b
+
+        def fail(r: int, err: Exception) -> None:
+            done[r], finish[r], errors[r] = True, "error", f"{type(err).__name__}: {err}"
+
+        gens: list = [None] * b
+        last: list = [None] * b  # each row's logits at its last prompt position
+        hits = [0] * b
+        for r, it in enumerate(items):
+            try:
+                gens[r] = torch.Generator().manual_seed(it.seed) if it.seed is not None else None
+                last[r], hits[r] = self._prefill_row(it.tokens, cache, r, it.tenant)
+            except Exception as err:
+                fail(r, err)
+        t_prefill = time.monotonic() - t0
+        ok = [x for x in last if x is not None]
+        logits = torch.stack([x if x is not None else torch.zeros_like(ok[0]) for x in last]) if ok else None
+        reported = [False] * b
         pos = n
         while True:
-            was_done = list(done)
             new: list[list[int]] = [[] for _ in items]
-            nxt = torch.empty(b, dtype=torch.long)
+            nxt = torch.zeros(b, dtype=torch.long)  # finished and failed rows feed a placeholder
             for r, it in enumerate(items):
-                if it.temperature <= 0:
-                    nxt[r] = int(logits[r].argmax())
+                if done[r]:
+                    continue
+                try:
+                    tok = _sample(logits[r], it.temperature, gens[r])
+                except Exception as err:
+                    fail(r, err)
+                    continue
+                nxt[r] = tok
+                if tok == EOS:
+                    done[r], finish[r] = True, "stop"
                 else:
-                    probs = torch.softmax(logits[r].float() / it.temperature, -1)
-                    nxt[r] = int(torch.multinomial(probs, 1, generator=gens[r]))
-                if not done[r]:
-                    tok = int(nxt[r])
-                    if tok == EOS:
-                        done[r], finish[r] = True, "stop"
-                    else:
-                        generated[r].append(tok)
-                        new[r].append(tok)
-                        if len(generated[r]) >= it.max_tokens:
-                            done[r] = True
+                    generated[r].append(tok)
+                    new[r].append(tok)
+                    if len(generated[r]) >= it.max_tokens:
+                        done[r] = True
             ending = all(done) or pos >= total
             step: list[GenDelta | None] = []
             for r in range(b):
-                if was_done[r]:
+                if reported[r]:
                     step.append(None)
                 elif done[r] or ending:
+                    reported[r] = True
                     timing = {"prefill_s": t_prefill, "decode_s": time.monotonic() - t0 - t_prefill,
                               "batch_rows": b}
-                    result = GenResult(generated[r], finish[r], prefix_hit_tokens=rows[r][1],
-                                       version=self.loaded.version, timings=timing)
+                    result = GenResult(generated[r], finish[r], prefix_hit_tokens=hits[r],
+                                       version=self.loaded.version, timings=timing, error=errors[r])
                     step.append(GenDelta(new[r], result=result))
                 else:
                     step.append(GenDelta(new[r]))
@@ -217,3 +241,13 @@ class Decoder:
                 break
             logits = model(nxt[:, None], kv_cache=cache, start_pos=pos)[:, -1]
             pos += 1
+
+
+def _sample(logits, temperature: float, generator) -> int:
+    """The next token of one row: greedy at temperature 0, else drawn from ``softmax(logits / temperature)``."""
+    import torch
+
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))

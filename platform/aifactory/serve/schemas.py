@@ -5,16 +5,41 @@ length in tokens, ``max_tokens`` cap, known models) are checked by :func:`check_
 problem becomes an :class:`APIError` whose JSON body names the field, in OpenAI's error shape::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": "..."}}
+
+Why every field is bounded here: requests of many tenants share one ``@serve.batch`` call, so a value that
+made the model raise (a seed past 2**64, a temperature of 1e-300, a lone surrogate the tokenizer cannot
+encode) used to fail every co-batched request with a 500. :func:`parse_body` rejects such input with a 400
+before it reaches a batch, and bounds what parsing itself may cost (body bytes, JSON nesting).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from itertools import accumulate
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_BODY_BYTES = 1 << 20
+"""Default request-body limit of :func:`parse_body`; the apps pass their own (``max_body_bytes`` in their args)."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of JSON arrays/objects a body may have. The schemas need 2; CPython's parser recurses per
+level and raises RecursionError (a 500) at 1000, and pydantic walks what it is given, so deep input stops here."""
+MIN_TEMPERATURE = 1e-3
+"""Smallest non-zero temperature. Below it sampling is greedy in all but name, and near float32's limits
+``logits / temperature`` overflows (1e-300 rounds to 0), the probabilities become NaN and ``torch.multinomial``
+raises. The largest stays OpenAI's 2."""
+MAX_SEED = 2**63
+"""Seeds are ``0 <= seed < 2**63``: ``torch.Generator.manual_seed`` raises on values past 64 bits."""
+MAX_STOPS = 4
+"""Most stop sequences a request may give (OpenAI's limit)."""
+MAX_STOP_CHARS = 128
+"""Longest stop sequence: a stream holds back as many characters as the longest stop, so a long one stalls it."""
+MAX_NAME_CHARS = 256
+"""Longest ``model`` or ``user`` string."""
 
 
 class APIError(Exception):
@@ -22,6 +47,9 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str = "invalid_request",
                  type_: str | None = None, headers: dict[str, str] | None = None):
+        # Text from a request (a field name, a model name) may hold lone surrogates; escaped, the body always
+        # encodes as UTF-8, so rendering an error can never itself fail with a 500.
+        message, param = _encodable(message), None if param is None else _encodable(param)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -37,26 +65,51 @@ class APIError(Exception):
         return (_rebuild_api_error, (self.status, self.message, self.param, self.code, self.type, self.headers))
 
 
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _rebuild_api_error(status, message, param, code, type_, headers):
     return APIError(status, message, param=param, code=code, type_=type_, headers=headers)
 
 
 class _Request(BaseModel):
     # OpenAI clients send a few fields we do not use (e.g. "user"); unknown ones are errors so typos show.
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # NaN and infinity (Python's JSON parser accepts them) are refused as not finite; range checks alone would
+    # call NaN "greater than 2".
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
+
+
+_Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+_StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class CompletionRequest(_Request):
-    model: str = Field(description="Model name, or name:version.")
+    model: _Name = Field(description="Model name, or name:version.")
     prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one string).")
-    max_tokens: int = Field(16, ge=1, description="Tokens to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    max_tokens: int = Field(16, ge=1, description="Tokens to generate (at most the deployment's limits.max_tokens).")
+    temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description=f"Sampling temperature: 0 is greedy, else {MIN_TEMPERATURE:g} to 2."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Accepted for compatibility; only 1.0 is supported.")
-    seed: int | None = Field(None, description="Sampling seed: a fixed seed makes the answer deterministic.")
+    seed: int | None = Field(
+        None, ge=0, lt=MAX_SEED,
+        description="Sampling seed, 0 <= seed < 2**63: a fixed seed makes the answer deterministic.",
+    )
     stream: bool = Field(False, description="Stream tokens as server-sent events.")
     n: int = Field(1, ge=1, le=1, description="Completions per prompt (only 1).")
-    stop: str | list[str] | None = Field(None, description="Stop generating at any of these strings.")
-    user: str | None = Field(None, description="End-user id (ignored).")
+    stop: _StopText | Annotated[list[_StopText], Field(max_length=MAX_STOPS)] | None = Field(
+        None, description=f"Stop generating at any of these strings (at most {MAX_STOPS}, "
+                          f"each at most {MAX_STOP_CHARS} characters)."
+    )
+    user: _Name | None = Field(None, description="End-user id (ignored).")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sane(cls, t: float) -> float:
+        if 0.0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"{t:g} is below {MIN_TEMPERATURE:g}; use 0 for greedy decoding")
+        return t
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -100,13 +153,13 @@ class CompletionResponse(BaseModel):
 
 
 class EmbeddingRequest(_Request):
-    model: str = Field(description="Embedding model name.")
+    model: _Name = Field(description="Embedding model name.")
     input: str | list[str] = Field(description="Text or list of texts to embed.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: JSON numbers; base64: little-endian float32 bytes (the openai client's default)."
     )
     dimensions: int | None = Field(None, description="Accepted only if equal to the model's dimensions.")
-    user: str | None = Field(None, description="End-user id (ignored).")
+    user: _Name | None = Field(None, description="End-user id (ignored).")
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
@@ -137,19 +190,100 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def parse_body(model: type[BaseModel], raw: bytes) -> Any:
-    """Parse a request body: malformed JSON or a bad field becomes a 400 naming the field."""
+async def read_body(request, *, max_body_bytes: int) -> bytes:
+    """A request's body (a Starlette ``Request``), refused with a 413 as soon as it passes ``max_body_bytes``:
+    a declared Content-Length over the limit is refused unread, a streamed body once it has sent too much."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise _body_too_large(int(declared), max_body_bytes)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > max_body_bytes:
+            raise _body_too_large(n, max_body_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large(n: int, limit: int) -> APIError:
+    return APIError(413, f"body: {n} bytes is over this deployment's limit of {limit} (max_body_bytes)",
+                    param="body", code="body_too_large")
+
+
+def parse_body(model: type[BaseModel], raw: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+    """Parse a request body: too large (413), not UTF-8, malformed or too deeply nested JSON, text that is
+    not valid Unicode, or a bad field becomes a 4xx naming the field."""
+    raw = raw or b""
+    if len(raw) > max_body_bytes:
+        raise _body_too_large(len(raw), max_body_bytes)
     try:
-        data = json.loads(raw or b"")
-    except (ValueError, UnicodeDecodeError) as err:
+        # RFC 8259 JSON between systems is UTF-8; decoding first also keeps json.loads from guessing UTF-16/32,
+        # whose bytes the depth scan below would misread.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise APIError(400, f"body: not UTF-8 ({err})", param="body", code="invalid_json") from None
+    depth = json_depth(raw, limit=MAX_JSON_DEPTH)
+    if depth > MAX_JSON_DEPTH:
+        raise APIError(400, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels", param="body",
+                       code="json_too_deep")
+    try:
+        data = json.loads(text)
+    except ValueError as err:
         raise APIError(400, f"body: malformed JSON ({err})", param="body", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"body: expected a JSON object, got {type(data).__name__}", param="body",
                        code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw) and (path := lone_surrogate_path(data)) is not None:
+        raise APIError(400, f"{'.'.join(map(str, path))}: contains a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                            "escape without its pair), which is not valid Unicode text", param=str(path[0]),
+                       code="invalid_unicode")
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise validation_to_api_error(err) from None
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth(raw: bytes, *, limit: int) -> int:
+    """How deep arrays and objects nest in the UTF-8 JSON ``raw`` (brackets inside strings do not count),
+    or 0 when ``raw`` holds too few brackets to nest deeper than ``limit`` (the usual body, answered at once).
+
+    It never recurses and runs in C-speed passes (a 1 MiB body of brackets takes tens of milliseconds), so a
+    body is measured before the recursive parser sees it. Malformed JSON may measure wrong; the parser refuses it."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+# Raw UTF-8 cannot hold a surrogate (decoding refuses it); only a \uD800-\uDFFF escape can make one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_path(value: Any, path: tuple = ()) -> tuple | None:
+    """The path (keys and list indices) of the first string in parsed JSON holding a lone surrogate, or None.
+
+    Such a string is not valid Unicode: encoding it as UTF-8 raises (in the tokenizer, in the JSON response),
+    so it must be refused as bad input before any model or error path encodes it. JSON's escaped pairs
+    (``\\ud83d\\ude00``) arrive combined into one character and pass."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if _SURROGATE.search(key):
+                return (*path, key)
+            if (found := lone_surrogate_path(v, (*path, key))) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := lone_surrogate_path(v, (*path, i))) is not None:
+                return found
+    return None
 
 
 def validation_to_api_error(err: ValidationError) -> APIError:

@@ -41,7 +41,7 @@ from aifactory.serve.ratelimit import TenantRateLimiter
 from aifactory.serve.routing import RolloutState, pick_target
 from aifactory.serve.schemas import (
     APIError, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
-    check_completion_limits, parse_body,
+    check_completion_limits, parse_body, read_body,
 )
 from aifactory.serve.streaming import DONE, TextStream, sse_chunk, sse_error, stop_scan
 from aifactory.serve.tenants import TenantResolver, resolve_slo_class
@@ -85,6 +85,22 @@ _DRAINING: set = set()
 async def _drain(stream) -> None:
     async for _ in stream:
         pass
+
+
+def _drain_later(stream) -> None:
+    """Let the batch's generator end this caller's stream (its StopIteration comes with the next decode step):
+    a stream left unconsumed leaves a future whose StopAsyncIteration nobody retrieves, which asyncio logs."""
+    task = asyncio.get_running_loop().create_task(_drain(stream))
+    _DRAINING.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(_DRAINING.discard)
+
+
+def _row_failed(result: GenResult) -> APIError:
+    """This request's row failed in the engine (the other rows of its batch were answered): a 500 for it alone,
+    naming only the error's type, as the app's handler of unexpected errors does; the log has the rest."""
+    logger.error("one row of a batch failed: %s", result.error)
+    return APIError(500, f"internal error while generating this request: {result.error.partition(':')[0]}",
+                    code="generation_failed")
 
 
 def _cache_info(cache, tenant: str | None = None) -> dict | None:
@@ -145,7 +161,9 @@ class ModelServer:
         """The batched decode: yields, per step, each request's :class:`GenDelta` (``None``: nothing new yet).
 
         Streamed and non-streamed requests share this batch queue, window and engine. The decode runs in
-        one worker thread (torch's inference mode is per thread) and hands each step to the event loop."""
+        one worker thread (torch's inference mode is per thread) and hands each step to the event loop.
+        A row that fails on its own ends with a result carrying ``error``, which only its caller sees
+        (:meth:`stream`, :meth:`generate`); only a failure of the whole batch is raised to every caller."""
         t0 = time.monotonic()
         decoder = self.decoder  # a swap during this call affects only the next batch
         loop = asyncio.get_running_loop()
@@ -180,25 +198,27 @@ class ModelServer:
         if self.prefix_cache is not None:
             self.usage.start()
             for item, res in zip(items, results):
-                if res is not None:
+                if res is not None and res.error is None:
                     self.usage.cache(item.tenant, "prefix", res.prefix_hit_tokens > 0)
 
     async def stream(self, item: GenItem):
         """One request's deltas as they are decoded (``handle.options(stream=True).stream.remote``)."""
-        async for delta in self._steps(item):
-            if delta is not None:
-                yield delta
+        steps = self._steps(item)
+        async for delta in steps:
+            if delta is None:
+                continue
+            if delta.result is not None and delta.result.error is not None:
+                _drain_later(steps)
+                raise _row_failed(delta.result)
+            yield delta
 
     async def generate(self, item: GenItem) -> GenResult:
         steps = self._steps(item)
         async for delta in steps:
             if delta is not None and delta.result is not None:
-                # Answer now, but let the batch's generator end this caller's stream (its StopIteration
-                # comes with the next decode step): a stream left unconsumed leaves a future whose
-                # StopAsyncIteration nobody retrieves, which asyncio logs on every request.
-                task = asyncio.get_running_loop().create_task(_drain(steps))
-                _DRAINING.add(task)  # the loop keeps only weak references to tasks
-                task.add_done_callback(_DRAINING.discard)
+                _drain_later(steps)  # answer now; the batch's generator ends this caller's stream
+                if delta.result.error is not None:
+                    raise _row_failed(delta.result)
                 return delta.result
         raise RuntimeError("the decoder ended without a result")  # the engine always finishes each row
 
@@ -310,7 +330,9 @@ class Ingress:
                                param="X-Tenant", code="rate_limited", type_="rate_limit_error",
                                headers={"Retry-After": str(int(retry))})
             slo = resolve_slo_class(request.headers, request.url.path, self.args.default_slo_class)
-            req = parse_body(CompletionRequest, await request.body())
+            max_body_bytes = self.args.limits.max_body_bytes
+            req = parse_body(CompletionRequest, await read_body(request, max_body_bytes=max_body_bytes),
+                             max_body_bytes=max_body_bytes)
             if req.stream:
                 # Errors up to the first chunk are still plain 4xx/5xx JSON; the stream counts the request
                 # (status, time to its last chunk) when it ends.

