@@ -22,6 +22,7 @@ import copy
 import functools
 import importlib
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -33,7 +34,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+# ../shared/ lies beside the checkout for developers and CI, not beside a user's clone: point
+# AIFACTORY_SHARED_DIR at a copy, or these tests skip naming the directory they need.
+SHARED = Path(os.environ.get("AIFACTORY_SHARED_DIR") or REPO.parent / "shared")
+CRDS = SHARED / "kuberay-crds"
 CLUSTER_FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 POOL_LABEL = "aifactory.io/pool"
@@ -90,7 +94,9 @@ def _k8s_to_jsonschema(node: Any) -> Any:
 
 @functools.cache
 def _crd_schema(kind: str, api_version: str) -> dict:
-    assert CRDS.is_dir(), f"KubeRay CRDs not found at {CRDS} (expected ../shared/kuberay-crds beside the repo)"
+    if not CRDS.is_dir():
+        pytest.skip(f"needs the KubeRay CRD schemas in {CRDS} (../shared/ beside the repository, as CI has it; "
+                    "or set AIFACTORY_SHARED_DIR to a directory holding kuberay-crds/)")
     crd_file = CRDS / f"ray.io_{KUBERAY_KINDS[kind]}.yaml"
     (crd,) = _load_yaml_all(crd_file.read_text())
     assert crd["spec"]["names"]["kind"] == kind, crd_file
