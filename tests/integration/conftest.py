@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import REPO
 
 FACTORY = [str(Path(sys.executable).parent / "factory")]
+METER_INTERVAL_S, METER_WINDOW_S = 1.0, 4.0
 
 
 def free_port() -> int:
@@ -58,7 +59,9 @@ class FactoryCluster:
 def factory_cluster() -> FactoryCluster:
     home = os.environ["AIFACTORY_HOME"]
     ports = {"port": free_port(), "dashboard-port": free_port(), "metrics-port": free_port()}
-    args = ["up", "--num-cpus", "6", "--object-store-memory", "768MiB", "--serve-ingress", "python", "--format", "json"]
+    # The always-on meter with fine windows, so tests read committed usage seconds after their work ends.
+    args = ["up", "--num-cpus", "6", "--object-store-memory", "768MiB", "--serve-ingress", "python",
+            "--meter-interval-s", str(METER_INTERVAL_S), "--meter-window-s", str(METER_WINDOW_S), "--format", "json"]
     for k, v in ports.items():
         args += [f"--{k}", str(v)]
     out = json.loads(run_factory(*args, home=home).stdout)

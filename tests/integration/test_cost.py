@@ -25,6 +25,8 @@ from tests.integration.conftest import free_port, run_factory
 JOB_S = 24.0
 CPUS = {"alpha": 1.0, "beta": 2.0}
 SAMPLE_S, WINDOW_S = 3.0, 6.0
+# Beside the session cluster's own meter (factory up starts it): this scenario checks a ledger of its own.
+PRIVATE_METER = "aifactory-cost-collector-test"
 BURST_TASKS, BURST_TASK_S = 12, 1.0
 # Run as a job of tenant delta: its tasks and actor inherit the job's id, hence its tenant. Each task
 # reports the wall-clock time it ran, which lies within the span Ray records for it.
@@ -85,14 +87,14 @@ def scenario(ray_driver, tmp_path_factory):
                              dashboard_url=cluster.dashboard_url, sample_interval_s=SAMPLE_S, window_s=WINDOW_S,
                              exporter_port=exporter_port)
     t_begin = time.time()
-    collector = start_collector(config)
+    collector = start_collector(config, name=PRIVATE_METER)
     first = ray.get(collector.status.remote(), timeout=120)
     home = FactoryHome.from_env(cluster.home)
     jobs = {}
     for tenant, cpus in CPUS.items():
         client = Client(address=cluster.dashboard_url, tenant=tenant, project="costs", home=home)
         jobs[tenant] = (client, _submit(client, entrypoint=[sys.executable, "-c", f"import time; time.sleep({JOB_S})"],
-                                        num_cpus=cpus))
+                                        num_cpus=cpus, entrypoint_num_cpus=cpus))
 
     # A burst of 1-second tasks (tenant delta): most start and end between two samples.
     burst_out = work / "burst.json"
@@ -113,7 +115,7 @@ def scenario(ray_driver, tmp_path_factory):
     time.sleep(2 * WINDOW_S)
     os.kill(ray.get(collector.status.remote(), timeout=60)["pid"], signal.SIGKILL)
     time.sleep(2)
-    collector = start_collector(config)  # finds the restarted named actor (or starts one)
+    collector = start_collector(config, name=PRIVATE_METER)  # finds the restarted named actor (or starts one)
     records = {}
     for tenant, (client, job_id) in jobs.items():
         records[tenant] = client.wait(job_id, timeout_s=180)
@@ -129,7 +131,7 @@ def scenario(ray_driver, tmp_path_factory):
     yield {"ledger_path": ledger_path, "jobs": records, "burst": burst, "first": first, "status": status,
            "t_begin": t_begin, "exporter_port": exporter_port, "work": work, "cluster": cluster, "handle": handle}
     serve.delete("costprobe")
-    stop_collector()
+    stop_collector(name=PRIVATE_METER)
 
 
 def test_collector_resumed_after_kill(scenario):
@@ -244,7 +246,7 @@ def test_quota_refuses_submission(scenario, tmp_path):
         proc = run_factory("submit", "--tenant", "gamma", "--num-cpus", "2", "--", "python", "-c", "print(1)",
                            home=cluster.home, env=env, check=False)
         assert proc.returncode != 0
-        assert "QuotaExceeded(tenant='gamma', pool='all', resource='CPU', requested=2" in proc.stderr
+        assert "QuotaExceeded(tenant='gamma', lane='factory', pool='all', resource='CPU', requested=2" in proc.stderr
         from aifactory.home import FactoryHome
         from aifactory.jobs import Client
 
@@ -256,7 +258,7 @@ def test_quota_refuses_submission(scenario, tmp_path):
         proc = run_factory("submit", "--tenant", "gamma", "--num-cpus", "1", "--num-gpus", "1", "--", "python", "-c",
                            "print(1)", home=cluster.home, env=env, check=False)
         assert proc.returncode != 0
-        assert "QuotaExceeded(tenant='gamma', pool='gpu-h200', resource='GPU', requested=1" in proc.stderr
+        assert "QuotaExceeded(tenant='gamma', lane='factory', pool='gpu-h200', resource='GPU', requested=1" in proc.stderr
         assert "limit=0.5" in proc.stderr
     finally:
         (Path(cluster.home) / "budgets.yaml").unlink(missing_ok=True)

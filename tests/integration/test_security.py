@@ -332,3 +332,57 @@ def test_fuzz_published_spec_finds_no_5xx_and_no_cross_tenant_read(control, jobs
                 run()
     print(f"fuzz: {calls['n']} requests in {time.monotonic() - t0:.1f}s, by status {calls['by_status']}")
     assert calls["n"] >= 100 and calls["by_status"].get(200, 0) > 0
+
+
+def test_quota_refuses_work_the_same_way_through_every_door(control, ray_driver):
+    """A tenant with a CPU quota of 2 asks for 3 through the CLI (submit and train), the SDK, the control
+    API and ``run_training`` from Python: the same one-line refusal everywhere, nothing started, nothing
+    recorded."""
+    from pathlib import Path
+
+    from aifactory.exceptions import QuotaExceeded
+    from aifactory.home import FactoryHome
+    from aifactory.jobs import Client
+    from aifactory.security.apikeys import KeyStore
+    from aifactory.train.jobspec import build_job
+    from aifactory.train.runner import run_training
+    from aifactory.workloads import list_records
+    from tests.integration.conftest import run_factory
+
+    tenant = "door-gamma"
+    cluster = ray_driver
+    home = FactoryHome.from_env(cluster.home)
+    expected = (f"QuotaExceeded(tenant='{tenant}', lane='factory', pool='all', resource='CPU', requested=3, "
+                "held=0, limit=2)")
+    run_factory("costs", "set-quota", tenant, "--cpu", "2", home=cluster.home, env=cluster.env())
+    try:
+        for args in (["submit", "--tenant", tenant, "--num-cpus", "3", "--", "python", "-c", "1"],
+                     ["train", "--recipe", "tiny", "--workers", "3", "--tenant", tenant]):
+            proc = run_factory(*args, home=cluster.home, env=cluster.env(), check=False)
+            assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        with pytest.raises(QuotaExceeded) as err:
+            Client(address=cluster.dashboard_url, tenant=tenant, home=home).submit(["python", "-c", "1"], num_cpus=3)
+        assert expected in str(err.value)
+        key = KeyStore(home).create(tenant=tenant, name="door-test").secret
+        resp = httpx.post(f"{control['url']}/v1/jobs", json={"entrypoint": "python -c 1", "num_cpus": 3},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert resp.status_code == 429 and expected in resp.json()["error"]["message"], resp.text
+        with pytest.raises(QuotaExceeded) as err:
+            run_training(build_job(recipe="tiny", config=None, workers=3, tenant=tenant), home=home)
+        assert expected in str(err.value)
+        from aifactory import audit
+
+        # Every refusal is in the audit chain (the control API's, the CLI's, the SDK's and the trainer's).
+        denials = [e for e in audit.query(home, tenant=tenant) if e.detail.get("phase") == "denied"]
+        assert len(denials) == 5 and all(expected in e.detail["error"] for e in denials)
+        # Within the quota, the same doors let work through (the meter is fresh, the tenant holds nothing).
+        job = Client(address=cluster.dashboard_url, tenant=tenant, home=home).submit(["python", "-c", "1"],
+                                                                                     num_cpus=2)
+        assert [r.refs.get("submission_id") for r in list_records(home, tenant=tenant)] == [job]
+        # (`factory train` connected its driver before admission, which needs the cluster's GPU count: that
+        # driver is a Ray job of the tenant holding nothing; no submission but the admitted one exists.)
+        submitted = {j.id for j in Client(address=cluster.dashboard_url, home=home).list(tenant=tenant)
+                     if j.type == "SUBMISSION"}
+        assert submitted == {job}
+    finally:
+        (Path(cluster.home) / "budgets.yaml").unlink(missing_ok=True)

@@ -20,8 +20,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-ingress", choices=("haproxy", "python"), default="haproxy",
                    help="Ray Serve ingress: bundled HAProxy (default) or the Python proxy")
     p.add_argument("--object-store-memory", help="object store size, e.g. 1GiB (default: Ray's)")
+    p.add_argument("--meter-interval-s", type=float, help="cost meter: seconds between samples (default 10)")
+    p.add_argument("--meter-window-s", type=float, help="cost meter: ledger window in seconds (default 60)")
+    p.add_argument("--no-meter", action="store_true",
+                   help="start no cost meter (usage goes unmetered and tenants with quotas are refused work)")
     add_format(p)
     p.set_defaults(func=_up)
+
+    m = sub.add_parser("meter", help="the cost meter of the local head: start | stop | status")
+    msub = m.add_subparsers(dest="meter_verb", required=True)
+    ms = msub.add_parser("start", help="start the meter (factory up does; idempotent)")
+    ms.add_argument("--interval-s", type=float, help="seconds between samples")
+    ms.add_argument("--window-s", type=float, help="ledger window in seconds")
+    add_format(ms)
+    ms.set_defaults(func=_meter)
+    mt = msub.add_parser("stop", help="flush the meter's closed windows and stop it")
+    add_format(mt)
+    mt.set_defaults(func=_meter)
+    mst = msub.add_parser("status", help="last sample, commit lag, committed windows")
+    add_format(mst)
+    mst.set_defaults(func=_meter)
 
     p = sub.add_parser("down", help="stop the local Ray head this home started (idempotent)")
     p.set_defaults(func=_down)
@@ -44,6 +62,9 @@ def _up(args: argparse.Namespace) -> int:
         metrics_export_port=args.metrics_port,
         serve_ingress=args.serve_ingress,
         object_store_memory=parse_bytes(args.object_store_memory) if args.object_store_memory else None,
+        meter=not args.no_meter,
+        meter_sample_interval_s=args.meter_interval_s,
+        meter_window_s=args.meter_window_s,
     )
     emit_obj(
         {
@@ -52,6 +73,7 @@ def _up(args: argparse.Namespace) -> int:
             "dashboard": state.dashboard_url,
             "metrics": f"http://127.0.0.1:{state.metrics_export_port}/metrics",
             "token": state.token_path,
+            "meter": state.meter_cluster_id or "off",
             "seconds": round(time.monotonic() - t0, 1),
         },
         args.format,
@@ -85,7 +107,25 @@ def _status(args: argparse.Namespace) -> int:
             "serve_ingress": state.serve_ingress,
             "resources_total": resources["total"],
             "resources_used": resources["used"],
+            "meter": cluster.meter_health(state),
         },
         args.format,
     )
+    return 0
+
+
+def _meter(args: argparse.Namespace) -> int:
+    from aifactory.exceptions import ClusterUnreachable
+
+    cluster = LocalCluster(home_of(args))
+    state = cluster.state()
+    if state is None or not cluster.is_alive(state):
+        raise ClusterUnreachable(str(cluster.home.root), "no `factory up` cluster for this home")
+    if args.meter_verb == "start":
+        progress("starting the cost meter ...")
+        state = cluster.start_meter(state, sample_interval_s=args.interval_s, window_s=args.window_s)
+    elif args.meter_verb == "stop":
+        emit_obj(cluster.stop_meter(state), args.format)
+        return 0
+    emit_obj(cluster.meter_health(state), args.format)
     return 0

@@ -85,9 +85,24 @@ def _costs(args) -> int:
     if _remote.via_api(args):  # a tenant's setup: the control API prices its own ledger, scoped to the key
         return _remote.costs(args)
     _home, ledger, book, since = _load(args)
-    rows = cost_rows(ledger.usage(since=since, tenant=args.tenant), book, by=args.by)
+    records = ledger.usage(since=since, tenant=args.tenant)
+    rows = cost_rows(records, book, by=args.by)
     emit(rows, args.format)
+    if args.format == "table" and args.tenant is None and records:
+        print(capacity_line(records))
     return 0
+
+
+def capacity_line(records) -> str:
+    """One line that shows the capacity invariant: every window's CPU-seconds (tenants + unattributed + idle)
+    add up to the cluster's CPUs x the window, so the average CPUs held is the capacity."""
+    from aifactory.cost.records import Resource
+
+    windows = {(r.window_start, r.window_end) for r in records}
+    seconds = sum(end - start for start, end in windows)
+    cpu_s = sum(r.quantity_s for r in records if r.resource == Resource.CPU)
+    return (f"capacity: {len(windows)} windows, {seconds:.0f} s; tenants + unattributed + idle = {cpu_s:.1f} CPU-s "
+            f"= {cpu_s / seconds if seconds else 0:.2f} CPUs x time")
 
 
 def _kpis(args) -> int:

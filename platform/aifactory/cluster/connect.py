@@ -9,6 +9,7 @@ and ``RAY_AUTH_TOKEN_PATH``. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a loc
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import sys
@@ -147,6 +148,7 @@ def init_ray(
             logging_level=logging_level,
             log_to_driver=True,
         )
+        warn_if_unmetered()
         return address
     kwargs: dict[str, Any] = {}
     if metrics_export_port:
@@ -164,6 +166,24 @@ def init_ray(
     ctx = ray.get_runtime_context()
     gcs = ctx.gcs_address
     return ClusterAddress(gcs=gcs, dashboard_url=f"http://{LOOPBACK}:{dashboard_port}")
+
+
+_warned_unmetered: list[bool] = []
+
+
+def warn_if_unmetered() -> bool:
+    """Warn once per process when this driver's cluster runs no cost meter (its usage would go unbilled and
+    tenants with quotas are refused work). Returns whether a meter runs."""
+    from aifactory.cost.collector import get_collector
+
+    if get_collector() is not None:
+        return True
+    if not _warned_unmetered:
+        _warned_unmetered.append(True)
+        logging.getLogger("aifactory.cluster").warning(
+            "this Ray cluster runs no cost meter: its usage is not metered and tenants with quotas are refused "
+            "work; start one with `factory meter start` (`factory up` starts it with the cluster)")
+    return False
 
 
 @contextlib.contextmanager

@@ -39,6 +39,9 @@ class ClusterState(BaseModel):
     token_path: str
     started_at: float
     ray_version: str
+    meter_cluster_id: str | None = None  # the collector's cursor name in the ledger; None: no meter started
+    meter_sample_interval_s: float | None = None
+    meter_window_s: float | None = None
 
 
 def _port_free(port: int) -> bool:
@@ -110,8 +113,12 @@ class LocalCluster:
         serve_ingress: str = "haproxy",
         object_store_memory: int | None = None,
         timeout_s: float = 90.0,
+        meter: bool = True,
+        meter_sample_interval_s: float | None = None,
+        meter_window_s: float | None = None,
     ) -> tuple[ClusterState, bool]:
-        """Start the head if it is not running. Returns ``(state, started)``."""
+        """Start the head if it is not running, and the cost meter on it (``meter``: the collector as a
+        detached actor that outlives this process and restarts when killed). Returns ``(state, started)``."""
         existing = self.state()
         if existing is not None and self.is_alive(existing):
             return existing, False
@@ -133,6 +140,10 @@ class LocalCluster:
         env["RAY_AUTH_TOKEN_PATH"] = str(token_path(self.home))
         env.pop("RAY_AUTH_TOKEN", None)
         env.pop("RAY_ADDRESS", None)
+        # The factory's own Python first on PATH for every Ray process, so `python` in a plain
+        # `ray job submit` entrypoint is this environment's (with ray and aifactory) even when the shell that
+        # ran `factory up` had no virtualenv active.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
         if serve_ingress == "haproxy":
             env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         cpus = num_cpus or max(4, os.cpu_count() or 2)
@@ -182,16 +193,84 @@ class LocalCluster:
                 self._kill_processes(state.temp_dir, gcs_address=state.gcs_address)
                 raise ClusterError(f"the Ray head did not answer at {state.dashboard_url} within {timeout_s:.0f} s; see {log}")
             time.sleep(0.5)
+        if meter:
+            from aifactory.cost.meter import DEFAULT_SAMPLE_INTERVAL_S, DEFAULT_WINDOW_S, start_meter
+
+            interval = meter_sample_interval_s or DEFAULT_SAMPLE_INTERVAL_S
+            window = meter_window_s or DEFAULT_WINDOW_S
+            try:
+                status = start_meter(env=self._client_env(), gcs_address=state.gcs_address,
+                                     dashboard_url=state.dashboard_url, ledger_path=str(self.home.ledger_path),
+                                     sample_interval_s=interval, window_s=window)
+            except (ClusterError, subprocess.TimeoutExpired) as err:
+                self._kill_processes(state.temp_dir, gcs_address=state.gcs_address)
+                raise ClusterError(f"the cost meter did not start, so the cluster was stopped: {err}") from None
+            state = state.model_copy(update={"meter_cluster_id": status["cluster_id"],
+                                             "meter_sample_interval_s": interval, "meter_window_s": window})
+        self._write_state(state)
+        return state, True
+
+    def _client_env(self) -> dict[str, str]:
+        """The environment of a Ray driver of this home's head (token auth on)."""
+        env = ray_env(self.home)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path(self.home)))
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def meter_health(self, state: ClusterState) -> dict:
+        """The meter's last sample, commit lag and committed windows, from the ledger (no Ray connection)."""
+        if state.meter_cluster_id is None:
+            return {"status": "not started", "hint": "factory meter start"}
+        from aifactory.cost.ledger import Ledger
+
+        health = Ledger.of(self.home).meter_health(state.meter_cluster_id)
+        age = health["last_sample_age_s"]
+        fresh = age is not None and age <= 3 * (state.meter_sample_interval_s or 10.0) + 5
+        return {"status": "ok" if fresh else "stale", **health,
+                "sample_interval_s": state.meter_sample_interval_s, "window_s": state.meter_window_s}
+
+    def start_meter(self, state: ClusterState, *, sample_interval_s: float | None = None,
+                    window_s: float | None = None) -> ClusterState:
+        """Start the meter on a running head (``factory meter start``); idempotent."""
+        from aifactory.cost.meter import DEFAULT_SAMPLE_INTERVAL_S, DEFAULT_WINDOW_S, start_meter
+
+        interval = sample_interval_s or state.meter_sample_interval_s or DEFAULT_SAMPLE_INTERVAL_S
+        window = window_s or state.meter_window_s or DEFAULT_WINDOW_S
+        status = start_meter(env=self._client_env(), gcs_address=state.gcs_address, dashboard_url=state.dashboard_url,
+                             ledger_path=str(self.home.ledger_path), sample_interval_s=interval, window_s=window)
+        state = state.model_copy(update={"meter_cluster_id": status["cluster_id"], "meter_sample_interval_s": interval,
+                                         "meter_window_s": window})
+        self._write_state(state)
+        return state
+
+    def stop_meter(self, state: ClusterState) -> dict:
+        """Flush the meter's closed windows and stop it (``factory meter stop``, and ``down``)."""
+        from aifactory.cost.meter import stop_meter
+
+        out = stop_meter(env=self._client_env(), gcs_address=state.gcs_address)
+        if self.state_path.exists():
+            self._write_state(state.model_copy(update={"meter_cluster_id": None}))
+        return out
+
+    def _write_state(self, state: ClusterState) -> None:
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(state.model_dump_json(indent=2))
         tmp.replace(self.state_path)
-        return state, True
 
     def down(self, timeout_s: float = 20.0) -> bool:
-        """Stop this home's head and its workers. Returns whether anything was running."""
+        """Flush and stop the meter, then this home's head and its workers. Returns whether anything was
+        running."""
         state = self.state()
         if state is None:
             return bool(self._kill_processes(self.temp_dir, timeout_s))
+        if state.meter_cluster_id is not None and self.is_alive(state):
+            try:
+                self.stop_meter(state)
+            except (ClusterError, subprocess.TimeoutExpired) as err:  # committed windows are durable already
+                import logging
+
+                logging.getLogger("aifactory.cluster").warning("the meter did not flush before down: %s", err)
         killed = self._kill_processes(state.temp_dir, timeout_s, gcs_address=state.gcs_address)
         self.state_path.unlink(missing_ok=True)
         return killed > 0

@@ -14,7 +14,8 @@ Used resources: CPU time per worker process (psutil, this node), and on GPU node
 memory and energy per device and process, read by a probe actor pinned to each GPU node
 (:mod:`aifactory.cost.gpu`) and attributed to holders by the state API's worker pids; "unknown" otherwise.
 
-Start it with :func:`start_collector` from a Ray driver (``factory run``'s metering stage does).
+``factory up`` starts it with the cluster (:mod:`aifactory.cost.meter`), and ``factory down`` flushes and
+stops it; :func:`start_collector` starts one from any Ray driver (``factory run`` does on an embedded cluster).
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ class CollectorCore:
     def _commit_closed(self) -> int:
         written = 0
         w = self.config.window_s
+        # Samples further apart than this are an outage: the tracker bills no guessed edge in it, the gap
+        # is "unknown". Saved with the tracker's state, so a collector restarted after one knows it.
+        self.tracker.max_gap_s = 3 * self.config.sample_interval_s
         # Commit a window only after two more samples: a holder missing from one partial state-API answer
         # is reopened by the tracker before its window is written.
         lag = 2 * self.config.sample_interval_s
@@ -166,17 +170,19 @@ class CollectorCore:
                  "tenant": tenant or UNATTRIBUTED, "application": app, **vals}
                 for (ws, app, tenant), vals in self._serve_rows.items() if ws == start
             ]
-            self.tracker.prune(end)
-            keep = [p for p in self.capacity if p.t >= end]
+            # The state after this window, built beside the current one and adopted only once the ledger
+            # has it: a commit that raises leaves everything in place to write the same window again.
+            tracker = self.tracker.pruned(end)
             before = [p for p in self.capacity if p.t < end]
-            self.capacity = before[-1:] + keep
+            capacity = before[-1:] + [p for p in self.capacity if p.t >= end]
             state = {
-                "tracker": self.tracker.to_json(),
-                "capacity": [{"t": p.t, "resources": keys_to_json(p.resources)} for p in self.capacity],
+                "tracker": tracker.to_json(),
+                "capacity": [{"t": p.t, "resources": keys_to_json(p.resources)} for p in capacity],
                 "serve": self._last_serve,
             }
-            written += self.ledger.commit_window(self.config.cluster_id, records, cursor=end, state=state,
-                                                 serve_rows=serve_rows)
+            n = self.ledger.commit_window(self.config.cluster_id, records, cursor=end, state=state,
+                                          serve_rows=serve_rows)
+            self.tracker, self.capacity = tracker, capacity
             for key in [k for k in self._serve_rows if k[0] <= start]:
                 del self._serve_rows[key]
             for key in [k for k in self._used if k[0] <= start]:
@@ -185,7 +191,8 @@ class CollectorCore:
                 del self._gpu_used[key]
             self.cursor = end
             self.windows += 1
-        self.records += written
+            self.records += n
+            written += n
         return written
 
     def _attach_used(self, records, window_start: float):
@@ -268,6 +275,9 @@ def _actor_class():
             self._step()
             return self.status()
 
+        def get_config(self) -> dict:
+            return self.config.model_dump(mode="json")
+
         def status(self) -> dict:
             import os
 
@@ -281,34 +291,37 @@ def _actor_class():
     return CostCollector
 
 
-def start_collector(config: CollectorConfig):
-    """Start (or find) this cluster's collector actor; call from a Ray driver. Returns its handle."""
+def start_collector(config: CollectorConfig, *, name: str = COLLECTOR_NAME):
+    """Start (or find) this cluster's collector actor; call from a Ray driver. Returns its handle.
+
+    ``name``: the meter of a cluster is the one under :data:`COLLECTOR_NAME` (``factory up`` starts it); tests
+    that need a meter with their own ledger name another."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node (the head, in the factory's clusters): psutil can see the processes there.
     strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return _actor_class().options(
-        name=COLLECTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         scheduling_strategy=strategy,
     ).remote(config.model_dump(mode="json"))
 
 
-def get_collector():
+def get_collector(name: str = COLLECTOR_NAME):
     """The running collector's handle, or None."""
     import ray
 
     try:
-        return ray.get_actor(COLLECTOR_NAME, namespace=NAMESPACE)
+        return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
 
 
-def stop_collector(*, timeout_s: float = 30.0) -> bool:
+def stop_collector(*, timeout_s: float = 30.0, name: str = COLLECTOR_NAME) -> bool:
     """Stop the collector (its committed windows stay in the ledger). Returns whether one was running."""
     import ray
 
-    handle = get_collector()
+    handle = get_collector(name)
     if handle is None:
         return False
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from aifactory.cost.meter import cluster_id
 from aifactory.pipeline.runner import RunContext, StageResult
 
 # Fine-grained for a short run: the costs stage waits for the last window to close.
@@ -11,34 +12,31 @@ RUN_SAMPLE_INTERVAL_S = 5.0
 RUN_WINDOW_S = 5.0
 
 
-def cluster_id() -> str:
-    """This Ray cluster's identity in the ledger: its head node id (new for every cluster start)."""
-    import ray
-
-    for node in ray.nodes():
-        if node.get("Alive") and node.get("Resources", {}).get("node:__internal_head__"):
-            return "ray-" + node["NodeID"][:16]
-    return "ray-" + ray.get_runtime_context().get_node_id()[:16]
-
-
 def metering_stage(ctx: RunContext) -> StageResult:
+    """Use the cluster's running meter (``factory up`` starts one); on an embedded cluster, start one with
+    fine windows for this short run."""
     import ray
 
-    from aifactory.cost.collector import CollectorConfig, start_collector
+    from aifactory.cost.collector import CollectorConfig, get_collector, start_collector
 
-    config = CollectorConfig(ledger_path=str(ctx.home.ledger_path), cluster_id=cluster_id(),
-                             dashboard_url=ctx.address.dashboard_url, sample_interval_s=RUN_SAMPLE_INTERVAL_S,
-                             window_s=RUN_WINDOW_S)
-    handle = start_collector(config)
+    handle = get_collector()
+    started = handle is None
+    if started:
+        config = CollectorConfig(ledger_path=str(ctx.home.ledger_path), cluster_id=cluster_id(),
+                                 dashboard_url=ctx.address.dashboard_url, sample_interval_s=RUN_SAMPLE_INTERVAL_S,
+                                 window_s=RUN_WINDOW_S)
+        handle = start_collector(config)
     status = ray.get(handle.status.remote(), timeout=120)
     ctx.artifacts["metering_since"] = time.time()
-    ctx.artifacts["cost_cluster_id"] = config.cluster_id
+    ctx.artifacts["cost_cluster_id"] = status["cluster_id"]
+    ctx.artifacts["meter_started_here"] = started
     return StageResult(summary={"collector": status["cluster_id"], "ledger": status["ledger"],
-                                "gpu": status["gpu"]})
+                                "gpu": status["gpu"], "meter": "started" if started else "running"})
 
 
 def costs_stage(ctx: RunContext) -> StageResult:
-    """Close the last window, stop the collector and print the per-tenant table (idle included)."""
+    """Close the last window, stop the collector if this run started it, and print the per-tenant table
+    (idle included)."""
     import ray
 
     from aifactory.cost.collector import get_collector, stop_collector
@@ -51,12 +49,15 @@ def costs_stage(ctx: RunContext) -> StageResult:
     if handle is None or since is None:
         return StageResult(ok=False, note="(no collector: run the metering stage first)")
     until = time.time()
-    deadline = time.monotonic() + 60
     status = ray.get(handle.flush.remote(), timeout=120)
+    # The last window closes one window plus two samples after the run's end.
+    cfg = ray.get(handle.get_config.remote(), timeout=60)
+    deadline = time.monotonic() + cfg["window_s"] + 3 * cfg["sample_interval_s"] + 15
     while status["cursor"] < until and time.monotonic() < deadline:
         time.sleep(1.0)
         status = ray.get(handle.flush.remote(), timeout=120)
-    stop_collector()
+    if ctx.artifacts.get("meter_started_here"):  # a meter of a shared cluster keeps running
+        stop_collector()
     book = load_price_book(home=ctx.home)
     records = [r for r in Ledger.of(ctx.home).usage(since=since) if r.window_start < status["cursor"]]
     rows = cost_rows(records, book, by="tenant")

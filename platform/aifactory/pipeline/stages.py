@@ -22,6 +22,7 @@ def smoke_job(ctx: RunContext) -> StageResult:
         [sys.executable, "-c", "import ray; ray.init(); print('smoke ok', ray.cluster_resources().get('CPU'))"],
         workload=WorkloadKind.OTHER,
         num_cpus=0.25,
+        entrypoint_num_cpus=0.25,
     )
     record = client.wait(job_id, timeout_s=120)
     attributed = any(r.id == job_id and r.tenant == ctx.tenant.tenant for r in client.list(tenant=ctx.tenant.tenant))

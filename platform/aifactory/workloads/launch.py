@@ -125,15 +125,25 @@ def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], 
     """Admit ``workload``, start it with ``run(handle)``, record it and its cost events; return what ``run``
     returns. ``detached``: the work runs on by itself after ``run`` returns (a submitted job, a deployment),
     so the record ends as ``started``, not ``succeeded``. Raises the admission error (QuotaExceeded,
-    MeterUnavailable, BudgetExceeded) with nothing started and nothing recorded, or whatever ``run`` raised
-    (recorded as failed)."""
+    MeterUnavailable, BudgetExceeded) with nothing started and no run record (the refusal is audited), or
+    whatever ``run`` raised (recorded as failed)."""
     from aifactory.cost.admission import admit
     from aifactory.provenance import whoami
 
+    from aifactory import audit
+
     home = home.ensure()
-    admit(home, workload.tenant, workload.resources.as_ray(), workload.kind, pool=workload.pool, lane=workload.lane)
+    actor = actor or whoami()
+    try:
+        admit(home, workload.tenant, workload.resources.as_ray(), workload.kind, pool=workload.pool,
+              lane=workload.lane)
+    except audit.DENIALS as err:  # a refusal is recorded too, with nothing started
+        audit.denied(home, actor=actor, action=f"{workload.kind.value}.launch", target=workload.name,
+                     reason=str(err), tenant=workload.tenant.tenant,
+                     detail={"lane": workload.lane, "resources": workload.resources.as_ray()})
+        raise
     record = RunRecord(id=record_id or new_record_id(workload.kind.value), workload=workload, status="admitted",
-                       actor=actor or whoami(), admitted_at=time.time())
+                       actor=actor, admitted_at=time.time())
     _write(home, record)
     handle = RunHandle(home, record)
     try:
