@@ -11,6 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def error_line(error: BaseException | None, default: str = "") -> str:
+    """``Type: first line`` of an error, for run records, manifests and one-line messages."""
+    if error is None:
+        return default
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class FactoryError(Exception):
     """Base class of every error the factory raises on purpose."""
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.integration.conftest import METER_INTERVAL_S, METER_WINDOW_S, run_factory
+from tests.integration.conftest import METER_INTERVAL_S, run_factory
 
 HOLD_S = 10.0
 # tenant -> number of 1-CPU tasks, each holding its CPU for HOLD_S, all at once
@@ -117,4 +117,3 @@ def test_plain_ray_jobs_are_metered_by_the_always_on_meter(ray_driver, tmp_path)
     assert abs(sum(r.quantity_s for r in records) - capacity_s) <= 0.005 * capacity_s
     table = run_factory("costs", "--by", "tenant", "--since", str(int(t_begin) - 5), home=cluster.home).stdout
     assert "door-alpha" in table and "capacity" in table
-    assert METER_WINDOW_S < HOLD_S  # the check above spans several windows

@@ -107,7 +107,8 @@ def train_gpt_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
     meter = EnergyMeter()
     meter.start()
     t0 = time.time()
-    outcome = run_training(job, home=home, run_id=run_id)
+    # Its workers are part of what the sweep declared and was admitted for: recorded, not admitted again.
+    outcome = run_training(job, home=home, run_id=run_id, within=env.run_id)
     wall = time.time() - t0
     energy_j = meter.stop_joules()
     m = outcome.metrics

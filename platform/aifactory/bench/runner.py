@@ -123,6 +123,9 @@ def run_sweep(
     from ray import tune
 
     from aifactory.bench.outcomes import price_outcomes
+    from aifactory.config import config_hash
+    from aifactory.tenancy import WorkloadKind
+    from aifactory.workloads import Resources, Workload, launch
 
     if not ray.is_initialized():
         raise ClusterError("run_sweep needs a connected Ray cluster: call it from an entrypoint "
@@ -144,10 +147,6 @@ def run_sweep(
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0.0))
     concurrency = plan_concurrency(spec, trials, cluster_cpus)
     run_id = new_run_id(spec.name)
-    from aifactory.config import config_hash
-    from aifactory.tenancy import WorkloadKind
-    from aifactory.workloads import Resources, Workload, launch
-
     # What the sweep holds at once: its widest trial times the trials Tune runs side by side.
     peak_cpus = max(spec.per_trial_cpus(t.knobs) for t in trials) * concurrency
     workload = Workload(kind=WorkloadKind.BENCH, tenant=spec.tenant, name=f"bench {spec.name}",

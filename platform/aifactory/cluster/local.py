@@ -193,21 +193,14 @@ class LocalCluster:
                 self._kill_processes(state.temp_dir, gcs_address=state.gcs_address)
                 raise ClusterError(f"the Ray head did not answer at {state.dashboard_url} within {timeout_s:.0f} s; see {log}")
             time.sleep(0.5)
+        self._write_state(state)
         if meter:
-            from aifactory.cost.meter import DEFAULT_SAMPLE_INTERVAL_S, DEFAULT_WINDOW_S, start_meter
-
-            interval = meter_sample_interval_s or DEFAULT_SAMPLE_INTERVAL_S
-            window = meter_window_s or DEFAULT_WINDOW_S
             try:
-                status = start_meter(env=self._client_env(), gcs_address=state.gcs_address,
-                                     dashboard_url=state.dashboard_url, ledger_path=str(self.home.ledger_path),
-                                     sample_interval_s=interval, window_s=window)
+                state = self.start_meter(state, sample_interval_s=meter_sample_interval_s, window_s=meter_window_s)
             except (ClusterError, subprocess.TimeoutExpired) as err:
                 self._kill_processes(state.temp_dir, gcs_address=state.gcs_address)
+                self.state_path.unlink(missing_ok=True)
                 raise ClusterError(f"the cost meter did not start, so the cluster was stopped: {err}") from None
-            state = state.model_copy(update={"meter_cluster_id": status["cluster_id"],
-                                             "meter_sample_interval_s": interval, "meter_window_s": window})
-        self._write_state(state)
         return state, True
 
     def _client_env(self) -> dict[str, str]:

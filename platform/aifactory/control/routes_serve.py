@@ -23,7 +23,7 @@ from aifactory.config import StrictModel
 from aifactory.control.app import CurrentPrincipal, not_visible, state_of
 from aifactory.exceptions import ClusterUnreachable, ConfigError, NotFound, PermissionDenied
 from aifactory.security.apikeys import Principal
-from aifactory.tenancy import Name, TenantName, TenantRef, WorkloadKind
+from aifactory.tenancy import Name, TenantName, TenantRef
 
 router = APIRouter(tags=["serving"])
 

@@ -233,7 +233,8 @@ class Ledger:
             return self._last_sample(db)
 
     def meter_health(self, cluster: str) -> dict[str, Any]:
-        """What ``factory status`` shows of a cluster's meter: last sample, commit lag, committed windows."""
+        """What ``factory status`` shows of a cluster's meter: its last sample, its commit lag, and how many
+        windows the ledger holds (of every cluster that ever wrote to it: records carry no cluster)."""
         now = time.time()
         with self._connect() as db:
             beat = db.execute("SELECT updated_at FROM meter_heartbeat WHERE cluster=?", (cluster,)).fetchone()
@@ -242,7 +243,7 @@ class Ledger:
         return {"cluster_id": cluster,
                 "last_sample_age_s": None if beat is None else round(now - beat[0], 1),
                 "commit_lag_s": None if row is None else round(now - row[0], 1),
-                "windows_committed": int(windows)}
+                "ledger_windows": int(windows)}
 
     # --- serving usage, events, alerts ---------------------------------------------------------------
 

@@ -202,7 +202,8 @@ def _distill(home, registry, teacher_mv, spec: DistillSpec, version, *, handle, 
     from aifactory.optimize.quantize import load_state
     from aifactory.provenance import code_version
     from aifactory.train import runs
-    from aifactory.train.runner import TrainingFailed, error_line, fit_trainer, storage_of
+    from aifactory.exceptions import error_line
+    from aifactory.train.runner import TrainingFailed, fit_trainer, storage_of
 
     job, run_id = spec.student, handle.id
     code = str(code_version())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory.config import config_hash
-from aifactory.exceptions import ConfigError, FactoryError
+from aifactory.exceptions import ConfigError, FactoryError, error_line
 from aifactory.home import FactoryHome, is_uri
 from aifactory.train import runs
 from aifactory.train.config import TrainJob
@@ -92,11 +92,11 @@ def pin_dataset(job: TrainJob, home: FactoryHome, *, checksum: bool = True):
 
 def run_training(
     job: TrainJob, *, home: FactoryHome, run_id: str | None = None, parent_run: str | None = None,
-    log: Callable[[str], None] = lambda msg: None,
+    log: Callable[[str], None] = lambda msg: None, within: str | None = None,
 ) -> TrainOutcome:
     """Launch ``job`` on the connected cluster through the front door (admission, run record, cost events);
     return the outcome (raises QuotaExceeded/BudgetExceeded before anything starts, TrainingFailed on
-    failure)."""
+    failure). ``within``: the admitted workload this run is part of (a sweep's trial), see ``launch``."""
     import ray
 
     from aifactory.train.parallel import resolve_use_gpu
@@ -108,7 +108,7 @@ def run_training(
     home = home.ensure()
     use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=ray.cluster_resources().get("GPU", 0))
     run_id = run_id or runs.new_run_id()
-    return launch(train_workload(job, use_gpu=use_gpu), home=home, record_id=run_id,
+    return launch(train_workload(job, use_gpu=use_gpu), home=home, record_id=run_id, within=within,
                   run=lambda handle: _fit(job, home=home, handle=handle, use_gpu=use_gpu, parent_run=parent_run,
                                           log=log))
 
@@ -145,14 +145,6 @@ def fit_trainer(train_loop, payload: dict[str, Any], *, run_id: str, storage: st
         return result, getattr(result, "error", None)
     except Exception as err:  # noqa: BLE001 - returned to the caller, which records it in the run manifest
         return None, err
-
-
-def error_line(error: BaseException | None, default: str = "") -> str:
-    """``Type: first line`` of an error, for run manifests and one-line CLI messages."""
-    if error is None:
-        return default
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def storage_of(job: TrainJob, home: FactoryHome) -> str:

@@ -5,8 +5,7 @@
 1. **admission**: the tenant's quota (against the meter's live holdings; fails closed when the meter is
    not fresh) and budget, :func:`aifactory.cost.admission.admit`. A refusal raises before anything starts
    and before anything is recorded;
-2. **start**: ``connect()`` (a Ray driver, if the caller needs one) then ``run(handle)``, the component's
-   own start (a job submission, a Ray Train fit, a Serve deploy, a Tune sweep);
+2. **start**: ``run(handle)``, the component's own start (a job submission, a Ray Train fit, a Serve deploy, a Tune sweep);
 3. **the run record**: a typed :class:`RunRecord` under ``<home>/workloads/``, written atomically when the
    work is admitted, when it starts and when it ends, with links to the component's own ids;
 4. **cost events**: ``run`` for every launched workload, ``run_failed`` when its start or run raised, and
@@ -29,7 +28,7 @@ from typing import Literal, TypeVar
 from pydantic import Field
 
 from aifactory.config import StrictModel
-from aifactory.exceptions import NotFound
+from aifactory.exceptions import NotFound, error_line
 from aifactory.home import FactoryHome
 from aifactory.workloads.spec import Workload
 
@@ -51,6 +50,8 @@ class RunRecord(StrictModel):
     finished_at: float | None = None
     ray_job_id: str | None = Field(default=None, description="The Ray job that holds its resources.")
     refs: dict[str, str] = Field(default_factory=dict, description="The component's own ids (run, app, sweep).")
+    within: str | None = Field(default=None, description="The admitted workload this one runs inside (a sweep's "
+                                                         "trial), whose declared resources include it.")
     events: list[str] = Field(default_factory=list, description="Cost-event keys recorded for it.")
     error: str | None = None
 
@@ -102,10 +103,6 @@ class RunHandle:
         self.record.refs[key] = str(value)
         _write(self.home, self.record)
 
-    def set_ray_job(self, job_id: str) -> None:
-        self.record.ray_job_id = job_id
-        _write(self.home, self.record)
-
     def event(self, kind: str, key: str, count: float = 1.0) -> None:
         """A cost event of this workload (``retry``, ``checkpoint_validated``), idempotent by ``key``."""
         from aifactory.cost.ledger import Ledger
@@ -119,45 +116,43 @@ class RunHandle:
             _write(self.home, self.record)
 
 
-def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], T],
-           connect: Callable[[], object] | None = None, record_id: str | None = None,
-           actor: str | None = None, detached: bool = False) -> T:
+def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], T], record_id: str | None = None,
+           actor: str | None = None, detached: bool = False, within: str | None = None) -> T:
     """Admit ``workload``, start it with ``run(handle)``, record it and its cost events; return what ``run``
     returns. ``detached``: the work runs on by itself after ``run`` returns (a submitted job, a deployment),
-    so the record ends as ``started``, not ``succeeded``. Raises the admission error (QuotaExceeded,
+    so the record ends as ``started``, not ``succeeded``. ``within``: the id of an admitted workload this one
+    runs inside and whose declaration covers it (a sweep's trials): recorded and metered, not admitted twice
+    against holdings that already count its parent. Raises the admission error (QuotaExceeded,
     MeterUnavailable, BudgetExceeded) with nothing started and no run record (the refusal is audited), or
     whatever ``run`` raised (recorded as failed)."""
+    from aifactory import audit
     from aifactory.cost.admission import admit
     from aifactory.provenance import whoami
-
-    from aifactory import audit
 
     home = home.ensure()
     actor = actor or whoami()
     try:
-        admit(home, workload.tenant, workload.resources.as_ray(), workload.kind, pool=workload.pool,
-              lane=workload.lane)
+        if within is None:
+            admit(home, workload.tenant, workload.resources.as_ray(), workload.kind, pool=workload.pool,
+                  lane=workload.lane)
     except audit.DENIALS as err:  # a refusal is recorded too, with nothing started
         audit.denied(home, actor=actor, action=f"{workload.kind.value}.launch", target=workload.name,
                      reason=str(err), tenant=workload.tenant.tenant,
                      detail={"lane": workload.lane, "resources": workload.resources.as_ray()})
         raise
     record = RunRecord(id=record_id or new_record_id(workload.kind.value), workload=workload, status="admitted",
-                       actor=actor, admitted_at=time.time())
+                       actor=actor, admitted_at=time.time(), within=within)
     _write(home, record)
     handle = RunHandle(home, record)
     try:
-        if connect is not None:
-            connect()
-        record.ray_job_id = record.ray_job_id or _current_ray_job()
+        record.ray_job_id = _current_ray_job()
         record.status, record.started_at = "running", time.time()
         _write(home, record)
         handle.event("run", "run")
         result = run(handle)
     except BaseException as err:
         record.status, record.finished_at = "failed", time.time()
-        text = str(err).strip().splitlines()
-        record.error = f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+        record.error = error_line(err)[:500]
         _write(home, record)
         if record.started_at is not None:
             handle.event("run_failed", "failed")
@@ -177,10 +172,5 @@ def _current_ray_job() -> str | None:
     return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
 
 
-def write_record(home: FactoryHome, record: RunRecord) -> None:
-    """Persist a changed record (e.g. a job's final status read back later)."""
-    _write(home, record)
-
-
-__all__ = ["RunHandle", "RunRecord", "launch", "list_records", "read_record", "records_dir", "write_record"]
+__all__ = ["RunHandle", "RunRecord", "launch", "list_records", "read_record", "records_dir"]
 
