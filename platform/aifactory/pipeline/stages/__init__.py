@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 
 from aifactory.pipeline.runner import RunContext, Stage, StageResult
-from aifactory.data.stage import ingest_stage
-from aifactory.train.stage import train_stage
-from aifactory.serve.stage import serve_stage
-from aifactory.bench.stage import bench_stage
-from aifactory.cost.stage import costs_stage, metering_stage
+from aifactory.pipeline.stages.ingest import ingest_stage
+from aifactory.pipeline.stages.train import train_stage
+from aifactory.pipeline.stages.serve import serve_stage
+from aifactory.pipeline.stages.bench import bench_stage
+from aifactory.pipeline.stages.costs import costs_stage, metering_stage
 from aifactory.tenancy import WorkloadKind
 
 
