@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from aifactory.data.ingest import IngestConfig, ingest, local_writer
     from aifactory.home import FactoryHome
     from aifactory.tenancy import TenantRef
-    from aifactory.train.jobspec import apply_overrides, load_recipe
+    from aifactory.recipes import load_recipe
+    from aifactory.train.jobspec import apply_overrides
     from aifactory.train.runner import run_training
 
     home = FactoryHome.from_env().ensure()

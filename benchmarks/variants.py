@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from aifactory.cost.pricebook import load_price_book
     from aifactory.data.store import DatasetStore
     from aifactory.home import FactoryHome
-    from aifactory.optimize.config import EvalSpec, quantize_spec
+    from aifactory.optimize.config import EvalSpec
+    from aifactory.recipes import quantize_spec
     from aifactory.optimize.gate import eval_loss, load_registered, validation_batches
     from aifactory.optimize.measure import compare_variants, plot, summarize
     from aifactory.optimize.quantize import run_quantize
@@ -126,10 +127,11 @@ def _bootstrap(home, root: Path, args, parent_ref: str | None, timings: dict) ->
     import ray
 
     from aifactory.data.ingest import IngestConfig, ingest, local_writer
-    from aifactory.optimize.config import student_spec
+    from aifactory.recipes import student_spec
     from aifactory.optimize.distill import run_distillation
     from aifactory.tenancy import TenantRef
-    from aifactory.train.jobspec import apply_overrides, load_recipe
+    from aifactory.recipes import load_recipe
+    from aifactory.train.jobspec import apply_overrides
     from aifactory.train.runner import run_training
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=512 << 20,
@@ -142,7 +144,7 @@ def _bootstrap(home, root: Path, args, parent_ref: str | None, timings: dict) ->
                           tenant=TenantRef(tenant="bench"), writer=local_writer).version
             timings["ingest_s"] = time.monotonic() - t0
             t0 = time.monotonic()
-            job = apply_overrides(load_recipe("jobs.optimize_recipes:bench_parent"), dataset=data, max_steps=args.train_steps)
+            job = apply_overrides(load_recipe("bench_parent"), dataset=data, max_steps=args.train_steps)
             out = run_training(job, home=home, log=print)
             timings["train_s"] = time.monotonic() - t0
             parent_ref = f"{out.model_name}:{out.model_version}"

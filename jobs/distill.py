@@ -3,8 +3,8 @@
     ray job submit --working-dir . --metadata-json '{"tenant": "demo", "workload": "train"}' \
         -- python -m jobs.distill tiny-gpt:v3 --student tiny_student
 
-``--student`` names a recipe of jobs/optimize_recipes.py (a DistillSpec) or jobs/recipes.py (a TrainJob used
-as the student). Options: ``--max-steps N``, ``--workers N``, ``--max-loss-delta X``, ``--tenant T``. Prints
+``--student`` names a distillation recipe (a DistillSpec) or a training recipe (a TrainJob used as the
+student) of :mod:`aifactory.recipes`, or ``module:function``. Options: ``--max-steps N``, ``--workers N``, ``--max-loss-delta X``, ``--tenant T``. Prints
 the student's summary as JSON on the last line; exits 3 when the student fails its gate.
 """
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from aifactory.cluster.connect import apply_ray_env
     from aifactory.exceptions import FactoryError
     from aifactory.home import FactoryHome
-    from aifactory.optimize.config import student_spec
+    from aifactory.recipes import student_spec
     from aifactory.optimize.distill import run_distillation
 
     p = argparse.ArgumentParser(prog="python -m jobs.distill", description=__doc__.splitlines()[0])

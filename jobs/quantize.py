@@ -20,7 +20,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from aifactory.exceptions import FactoryError
     from aifactory.home import FactoryHome
-    from aifactory.optimize.config import quantize_spec
+    from aifactory.recipes import quantize_spec
     from aifactory.optimize.quantize import run_quantize
 
     p = argparse.ArgumentParser(prog="python -m jobs.quantize", description=__doc__.splitlines()[0])

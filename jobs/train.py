@@ -20,11 +20,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from aifactory.cluster.connect import apply_ray_env
     from aifactory.home import FactoryHome
-    from aifactory.train.jobspec import build_job
+    from aifactory.recipes import build_job
     from aifactory.train.runner import run_training
 
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", help="recipe function in jobs/recipes.py (default: tiny)")
+    p.add_argument("--recipe", help="a training recipe of aifactory.recipes or module:function (default: tiny)")
     p.add_argument("--config", help="a TrainJob YAML/JSON file instead of a recipe")
     p.add_argument("--dataset", help="dataset version (default: the newest)")
     p.add_argument("--max-steps", type=int, help="override the number of steps")

@@ -52,7 +52,7 @@ def serve_port(serve_http_port):
 def test_quantize_register_serve_answer(teacher, serve_port):
     from ray import serve
 
-    from aifactory.optimize.config import quantize_spec
+    from aifactory.recipes import quantize_spec
     from aifactory.optimize.quantize import run_quantize
     from aifactory.registry import ModelRegistry
     from aifactory.serve.apps.completions import app_builder

@@ -344,7 +344,7 @@ def test_quota_refuses_work_the_same_way_through_every_door(control, ray_driver)
     from aifactory.home import FactoryHome
     from aifactory.jobs import Client
     from aifactory.security.apikeys import KeyStore
-    from aifactory.train.jobspec import build_job
+    from aifactory.recipes import build_job
     from aifactory.train.runner import run_training
     from aifactory.workloads import list_records
     from tests.integration.conftest import run_factory

@@ -5,7 +5,8 @@ import pytest
 from aifactory.config import parse_config
 from aifactory.exceptions import ConfigError
 from aifactory.train.config import GateSpec, TrainJob
-from aifactory.train.jobspec import apply_overrides, build_job, load_recipe, recipe_names
+from aifactory.recipes import build_job, load_recipe, recipe_names
+from aifactory.train.jobspec import apply_overrides
 from aifactory.train.loop import gate_passes, lr_at
 from aifactory.train.metrics import Peak, mfu, peak_flops
 from aifactory.train.parallel import backend_for, resolve_use_gpu
@@ -102,8 +103,9 @@ def test_configs_and_registry_import_without_torch_or_ray():
     import subprocess
     import sys
 
-    code = ("import sys, aifactory.train.config, aifactory.train.jobspec, aifactory.registry, aifactory.cli.train;"
-            "aifactory.train.jobspec.load_recipe('tiny');"
+    code = ("import sys, aifactory.train.config, aifactory.recipes, aifactory.registry, aifactory.cli.train;"
+            "aifactory.recipes.load_recipe('tiny'); aifactory.recipes.quantize_spec('bf16');"
+            "aifactory.recipes.student_spec('tiny_student');"
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -28,7 +28,8 @@ def build_job(spec: SweepSpec, knobs: TrainingKnobs, *, seed: int, storage_path:
     """The :class:`TrainJob` of one configuration: the recipe with the knobs and the spec's run settings."""
     from aifactory.config import parse_config
     from aifactory.train.config import TrainJob
-    from aifactory.train.jobspec import apply_overrides, load_recipe
+    from aifactory.recipes import load_recipe
+    from aifactory.train.jobspec import apply_overrides
 
     assert spec.train is not None  # the spec validator guarantees it for training kinds
     run = spec.train

@@ -1,9 +1,9 @@
 """Typed sweep specs: a grid over real knobs, repeated, of one trial kind, for one tenant.
 
-A spec is a :class:`SweepSpec`: built by a recipe function (``benchmarks/specs.py::smoke()``) or loaded from
-YAML with :func:`load_spec`. :meth:`SweepSpec.trials` expands it into :class:`TrialConfig` s, one per
-(configuration, repeat), configurations in grid order and the repeats of one configuration adjacent
-(a serving configuration is deployed once and measured ``repeats`` times).
+A spec is a :class:`SweepSpec` loaded from YAML with :func:`load_spec` (the shipped ones, named through
+:mod:`aifactory.recipes`, are in ``aifactory/recipes/specs``). :meth:`SweepSpec.trials` expands it into
+:class:`TrialConfig` s, one per (configuration, repeat), configurations in grid order and the repeats of
+one configuration adjacent (a serving configuration is deployed once and measured ``repeats`` times).
 
 Knobs are validated per configuration: every combination of the grid must be a valid configuration, and
 all problems are reported at once.
@@ -136,8 +136,9 @@ class EmbeddingsTrialSpec(StrictModel):
 class GPTTrialSpec(StrictModel):
     """What a ``train-gpt`` trial trains: a recipe's model and optimizer, on a data-plane dataset version."""
 
-    recipe: str = Field(default="tiny", description="Training recipe (jobs/recipes.py) giving the model shape and "
-                                                     "optimizer; the grid's knobs and `train` override the rest.")
+    recipe: str = Field(default="tiny", description="Training recipe (a name in aifactory.recipes or module:function) "
+                                                     "giving the model shape and optimizer; the grid's knobs and `train` "
+                                                     "override the rest.")
     dataset_version: str | None = Field(
         default=None, description="Dataset version from the data plane; null = the newest one when the sweep starts.")
     validation_batches: int = Field(default=4, ge=1, description="Validation batches per worker per evaluation.")
@@ -308,31 +309,21 @@ def check_spec(spec: SweepSpec) -> None:
 
 
 def spec_dirs() -> list[Path]:
-    """Where named specs are looked up: ``$AIFACTORY_BENCH_SPECS`` (``:``-separated), ``./benchmarks/specs``,
-    then the source checkout's ``benchmarks/specs``."""
-    import os
+    """Where named specs are looked up: ``$AIFACTORY_BENCH_SPECS`` (``:``-separated), then the shipped ones."""
+    from aifactory.recipes import spec_dirs as dirs
 
-    dirs = [Path(p) for p in os.environ.get("AIFACTORY_BENCH_SPECS", "").split(os.pathsep) if p]
-    dirs.append(Path.cwd() / "benchmarks" / "specs")
-    dirs.append(Path(__file__).resolve().parents[3] / "benchmarks" / "specs")
-    seen, out = set(), []
-    for d in dirs:
-        if d.resolve() not in seen and d.is_dir():
-            seen.add(d.resolve())
-            out.append(d)
-    return out
+    return dirs()
 
 
 def available_specs() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for d in reversed(spec_dirs()):  # earlier directories win
-        for f in sorted(d.glob("*.yaml")):
-            found[f.stem] = f
-    return dict(sorted(found.items()))
+    """Every named spec (name -> file), from :mod:`aifactory.recipes`' registry of sweep specs."""
+    from aifactory.recipes import sweep_specs
+
+    return sweep_specs()
 
 
 def find_spec(name_or_path: str, *, overrides: dict[str, Any] | None = None) -> SweepSpec:
-    """A spec by file path, or by name (``smoke`` -> ``benchmarks/specs/smoke.yaml``)."""
+    """A spec by file path, or by name (``smoke`` -> the shipped ``aifactory/recipes/specs/smoke.yaml``)."""
     from aifactory.exceptions import NotFound
 
     path = Path(name_or_path)

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = verbs.add_parser("distill", help="distill TEACHER_VERSION into a smaller student (Ray Train, FSDP2 + bf16)")
     d.add_argument("model", metavar="TEACHER_VERSION", help="teacher model, NAME:VERSION (or NAME)")
-    d.add_argument("--student", required=True, help="a recipe of jobs/optimize_recipes.py (e.g. tiny_student) or jobs/recipes.py")
+    d.add_argument("--student", required=True,
+                   help="a distillation or training recipe (e.g. tiny_student), or module:function (see aifactory.recipes)")
     d.add_argument("--max-steps", dest="max_steps", type=int, help="override the student's steps")
     d.add_argument("--workers", type=int, help="override the number of Train workers")
     d.add_argument("--max-loss-delta", dest="max_loss_delta", type=float,
@@ -59,7 +60,7 @@ def _summary(mv, gate) -> dict:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from aifactory.optimize.config import quantize_spec
+    from aifactory.recipes import quantize_spec
     from aifactory.optimize.gate import parse_ref
     from aifactory.optimize.quantize import check_parent, resolve_method, run_quantize
     from aifactory.registry import ModelRegistry
@@ -80,7 +81,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     import ray
 
-    from aifactory.optimize.config import student_spec
+    from aifactory.recipes import student_spec
     from aifactory.optimize.distill import run_distillation
     from aifactory.tenancy import WorkloadKind
 

@@ -10,7 +10,8 @@ from aifactory.cli._output import add_format, emit, emit_obj, progress
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with Ray Train (FSDP2 + bf16 by default) and register it")
-    p.add_argument("--recipe", help="a recipe of jobs/recipes.py, e.g. tiny")
+    p.add_argument("--recipe", help="a training recipe, e.g. tiny, or an import path module:function "
+                                    "(see aifactory.recipes)")
     p.add_argument("--config", help="a TrainJob YAML/JSON file instead of a recipe")
     p.add_argument("--dataset", help="dataset version (default: the newest)")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override the number of steps")
@@ -58,7 +59,7 @@ def _summary(out) -> dict:
 def _train(args: argparse.Namespace) -> int:
     import ray
 
-    from aifactory.train.jobspec import build_job
+    from aifactory.recipes import build_job
     from aifactory.train.runner import run_training
 
     home = home_of(args).ensure()

@@ -1,4 +1,7 @@
-"""Typed configs of optimization jobs: the quality gate, quantization and distillation."""
+"""Typed configs of optimization jobs: the quality gate, quantization and distillation.
+
+The recipes that build them are in :mod:`aifactory.recipes` (``quantize_spec``, ``student_spec``).
+"""
 
 from __future__ import annotations
 
@@ -60,52 +63,3 @@ class DistillSpec(StrictModel):
         description="The quality gate: the student's validation loss against the teacher's.",
     )
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Validation batches the gate reads.")
-
-
-# ---- recipes (jobs/optimize_recipes.py) ------------------------------------------------------------------
-
-RECIPES_MODULE = "jobs.optimize_recipes"
-
-
-def _recipes():
-    import importlib
-
-    from aifactory.train.jobspec import _recipes_module
-
-    _recipes_module()  # puts the checkout on sys.path when run from the console script
-    return importlib.import_module(RECIPES_MODULE)
-
-
-def quantize_spec(method: str, *, tenant: str | None = None, max_loss_delta: float | None = None) -> QuantizeSpec:
-    """The recipe ``quantize_<method>`` of jobs/optimize_recipes.py, with optional overrides."""
-    from aifactory.exceptions import ConfigError
-
-    fn = getattr(_recipes(), f"quantize_{method.replace('-', '_')}", None)
-    if fn is None:
-        raise ConfigError("--method", [f"{method!r} has no recipe; methods: auto, int8-dynamic, bf16, fp8-weight"])
-    spec = fn(tenant) if tenant else fn()
-    if max_loss_delta is not None:
-        spec = spec.model_copy(update={"gate": spec.gate.model_copy(update={"max_loss_delta": max_loss_delta})})
-    return QuantizeSpec.model_validate(spec.model_dump())
-
-
-def student_spec(name: str, *, tenant: str | None = None, max_steps: int | None = None,
-                 workers: int | None = None, max_loss_delta: float | None = None) -> DistillSpec:
-    """``name`` from jobs/optimize_recipes.py (a DistillSpec) or jobs/recipes.py (a TrainJob student)."""
-    from aifactory.exceptions import ConfigError
-    from aifactory.train.jobspec import apply_overrides, load_recipe, recipe_names
-
-    fn = getattr(_recipes(), name.replace("-", "_"), None)
-    if callable(fn):
-        spec = fn(tenant) if tenant else fn()
-        if not isinstance(spec, DistillSpec):
-            raise ConfigError("--student", [f"{name!r} returned {type(spec).__name__}, not a DistillSpec"])
-    else:
-        try:
-            spec = DistillSpec(student=load_recipe(name, tenant=tenant))
-        except ConfigError:
-            raise ConfigError("--student", [f"{name!r} is neither a distillation recipe of {RECIPES_MODULE} nor a "
-                                            f"training recipe ({', '.join(recipe_names())})"]) from None
-    student = apply_overrides(spec.student, max_steps=max_steps, workers=workers, tenant=tenant)
-    gate = spec.gate if max_loss_delta is None else spec.gate.model_copy(update={"max_loss_delta": max_loss_delta})
-    return DistillSpec.model_validate({**spec.model_dump(), "student": student.model_dump(), "gate": gate.model_dump()})

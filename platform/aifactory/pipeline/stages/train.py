@@ -6,7 +6,8 @@ from aifactory.pipeline.runner import RunContext, StageResult
 
 
 def train_stage(ctx: RunContext) -> StageResult:
-    from aifactory.train.jobspec import apply_overrides, load_recipe
+    from aifactory.recipes import load_recipe
+    from aifactory.train.jobspec import apply_overrides
     from aifactory.train.runner import run_training
 
     job = apply_overrides(load_recipe("pipeline", tenant=ctx.tenant.tenant),
