@@ -173,7 +173,7 @@ def test_store_round_trip_compare_and_report(tmp_path):
     store.write(_run("cand", cand_trials, 2.0), cand_trials)
     assert [r.run_id for r in store.list()] == ["base", "cand"]
     run, trials = store.get()  # newest
-    assert run.run_id == "cand" and trials == cand_trials and trials[0].schema_version == 1
+    assert run.run_id == "cand" and trials == cand_trials and trials[0].schema_version == 2
     with pytest.raises(NotFound):
         store.get("nope")
     result = compare_runs(store.get("base"), store.get("cand"))

@@ -1,4 +1,5 @@
-"""What every trial records about where and how it ran: code, data, model, runtime flags, hardware, region.
+"""What every trial and every benchmark records about where and how it ran: code, data, model, runtime
+flags, hardware, region, and how busy the host was (the one context recorder: sweeps and ``benchmarks/``).
 
 Anything that cannot be determined is recorded as ``"unavailable"`` or ``"none"`` with the reason, never
 guessed: a benchmark without its context cannot be compared with a later one.
@@ -55,6 +56,8 @@ class BenchContext(BaseModel):
     region: str
     timestamp: float
     timestamp_iso: str
+    load_average_1m: float | None = Field(default=None, description="The host's 1-minute load average when "
+                                          "recorded: a busy shared host explains a slow figure.")
 
 
 def cpu_model(cpuinfo_path: str = "/proc/cpuinfo") -> str:
@@ -141,7 +144,15 @@ def collect_context(
         region=region or os.environ.get("AIFACTORY_REGION") or "local",
         timestamp=ts,
         timestamp_iso=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)),
+        load_average_1m=_load_average(),
     )
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not every platform has one
+        return None
 
 
 class EnergyMeter:

@@ -1,4 +1,7 @@
-"""A run's report: Markdown plus matplotlib PNGs.
+"""A run's report: Markdown plus matplotlib PNGs; and the factory's one chart helper for benchmarks.
+
+:func:`bar_chart` draws the per-variant bars (median, 95% CI as error bars) of any run, a sweep's or a
+``benchmarks/`` script's.
 
 Serving: latency (p50/p95/p99) vs throughput, cost per 1k requests vs p99, the Pareto front of
 throughput vs p99 (and cost where priced), and the configuration recommended for the spec's SLO.
@@ -55,6 +58,30 @@ def _err(s) -> tuple[float, float]:
     if s.ci_low is None:
         return 0.0, 0.0
     return max(s.median - s.ci_low, 0.0), max(s.ci_high - s.median, 0.0)
+
+
+def bar_chart(path: str | Path, title: str, summaries: list[ConfigSummary], metrics: list[tuple[str, str]]) -> Path:
+    """One panel per ``(metric, label)``, one bar per configuration: the median over repeats, the 95% CI as
+    error bars, the value annotated. A configuration without the metric gets no bar (not a zero)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B2", "#937860", "#DA8BC3", "#8C8C8C"]
+    for ax, (key, label) in zip(axes[0], metrics):
+        have = [s for s in summaries if s.metrics.get(key) is not None and s.metrics[key].n]
+        vals = [s.median(key) for s in have]
+        yerr = list(zip(*[_err(s.metrics[key]) for s in have])) if have else None
+        bars = ax.bar([s.config_id for s in have], vals, yerr=yerr, capsize=3,
+                      color=[colors[i % len(colors)] for i in range(len(have))])
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelsize=7, rotation=15)
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.0f}" if abs(v) >= 10 else f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title + " (median, bars: 95% CI)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def _serving_plots(summaries: list[ConfigSummary], out: Path, slo_p99_ms: float | None, front: list[str]) -> list[Path]:

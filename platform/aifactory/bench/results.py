@@ -1,8 +1,12 @@
-"""Versioned benchmark records under the factory home: one folder per run.
+"""Versioned benchmark records: one folder per run, the one result format of sweeps and ``benchmarks/``.
 
-``<home bench store>/runs/<run_id>/run.json`` holds the :class:`RunRecord` (spec, context, pricing basis);
-``trials.jsonl`` holds one :class:`TrialRecord` per line. Every record carries ``schema_version`` so that a
-later reader can tell old records from new ones. The store may be a local path or a pyarrow URI.
+``run.json`` holds the :class:`RunRecord` (spec, context, pricing basis, derived headline figures);
+``trials.jsonl`` holds one :class:`TrialRecord` per line (a sweep's trial, or one repeat of one variant of a
+``benchmarks/`` script). Every record carries ``schema_version`` so that a later reader can tell old records
+from new ones (version 1 had no ``summary``; it still reads). Sweeps write under the factory home
+(``<home bench store>/runs/<run_id>/``, a local path or a pyarrow URI, :class:`ResultStore`); the scripts in
+``benchmarks/`` write a folder of their own (:func:`record_benchmark`, e.g. ``benchmarks/results/<name>/``).
+Either kind of folder is what ``factory bench report`` and ``factory bench compare`` read.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aifactory.exceptions import NotFound
 from aifactory.home import FactoryHome, filesystem, is_uri
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class TrialRecord(BaseModel):
@@ -55,6 +60,8 @@ class RunRecord(BaseModel):
     finished_at: float
     num_trials: int
     num_failed: int
+    summary: dict[str, Any] = Field(default_factory=dict, description=(
+        "Figures derived from the trials: ratios between variants with their CIs, targets and whether they were met."))
 
     @property
     def wall_s(self) -> float:
@@ -130,6 +137,90 @@ class ResultStore:
         if is_uri(self.location):
             return self.home.root / "bench-reports" / run_id
         return Path(self.root) / run_id / "report"
+
+
+def interleaved(variants: dict[str, Callable[[], dict[str, Any]]], *, repeats: int,
+                log: Callable[[str], None] = print) -> dict[str, list[dict[str, Any]]]:
+    """Run every variant once per round, ``repeats`` rounds (A B A B ...), so drift of a shared host hits
+    every variant alike; returns each variant's repeats in order (what :func:`record_benchmark` takes)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for r in range(repeats):
+        for name, fn in variants.items():
+            runs[name].append(fn())
+            log(f"  round {r + 1}/{repeats} {name}: " + _short(runs[name][-1]))
+    return runs
+
+
+def _short(s: dict[str, Any]) -> str:
+    parts = []
+    for k in ("throughput_rps", "tokens_per_s", "p50_ms", "p99_ms", "num_rejected", "num_errors"):
+        if s.get(k) is not None:
+            parts.append(f"{k}={s[k]:.1f}" if isinstance(s[k], float) else f"{k}={s[k]}")
+    return " ".join(parts)
+
+
+def write_run_folder(folder: str | Path, run: RunRecord, trials: list[TrialRecord]) -> Path:
+    """Write a run into ``folder`` (replacing a previous run there); the run record last, as in the store."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trials.jsonl").write_text("".join(t.model_dump_json() + "\n" for t in trials))
+    (out / "run.json").write_text(run.model_dump_json(indent=2) + "\n")
+    return out
+
+
+def record_benchmark(name: str, variants: dict[str, list[dict[str, Any]]], *, out_dir: str | Path, kind: str,
+                     params: dict[str, Any], summary: dict[str, Any] | None = None,
+                     knobs: dict[str, dict[str, Any]] | None = None, context: Any = None, started_at: float,
+                     tenant: str = "bench", price_book: Any = None, notes: str = "") -> tuple[RunRecord, list[TrialRecord], Path]:
+    """Store a ``benchmarks/`` script's measurements as a run in ``<out_dir>/<name>/``.
+
+    ``variants`` maps each variant (a configuration) to its repeats, one dict of figures per repeat (a load's
+    :func:`~aifactory.bench.loadgen.summarize`, a training run's metrics, ...). Each repeat becomes a trial,
+    priced like a sweep's trial by :func:`~aifactory.bench.outcomes.price_outcomes` from the resource-seconds
+    it records (``replica_cpu_s`` for serving, ``train_cpu_s`` for training). ``kind`` decides the family
+    (``serve-*``: serving figures; anything else: training figures) and which runs compare with which.
+    """
+    from aifactory.bench.context import collect_context
+    from aifactory.bench.outcomes import price_outcomes
+
+    if not variants or any(not runs for runs in variants.values()):
+        raise ValueError(f"benchmark {name!r}: every variant needs at least one repeat, got "
+                         f"{ {k: len(v) for k, v in variants.items()} }")
+    family = "serving" if kind.startswith("serve") else "training"
+    ctx = context if context is not None else collect_context()
+    region = getattr(ctx, "region", "local")
+    book, reason = price_book, ""
+    if book is None:
+        try:
+            from aifactory.cost.pricebook import load_price_book
+
+            book = load_price_book()
+        except (ImportError, OSError, ValueError) as err:  # costs become "unavailable", never invented
+            book, reason = None, f"no price book ({err})"
+    run_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started_at))}"
+    trials = []
+    for config_id, runs in variants.items():
+        for repeat, metrics in enumerate(runs):
+            m = dict(metrics)
+            m.update(price_outcomes(m, family=family, book=book, region=region, tenant=tenant,
+                                    unavailable_reason=reason))
+            trials.append(TrialRecord(run_id=run_id, spec_name=name, kind=kind, tenant=tenant, config_id=config_id,
+                                      knobs=(knobs or {}).get(config_id, {}), repeat=repeat, seed=repeat,
+                                      status="ok", metrics=m))
+    run = RunRecord(
+        run_id=run_id, spec_name=name, kind=kind, tenant=tenant,
+        spec={"name": name, "kind": kind, "params": params, "repeats": max(len(r) for r in variants.values()),
+              "ci_method": "t", "variants": list(variants), "notes": notes},
+        context=ctx.model_dump(mode="json") if hasattr(ctx, "model_dump") else dict(ctx),
+        pricing={"price_book_version": book.version if book else None, "region": region,
+                 "basis": "CPU-seconds the measured service / training run held (declared CPUs x measured wall "
+                          "time), priced on demand", "unavailable": reason or None},
+        started_at=started_at, finished_at=time.time(), num_trials=len(trials), num_failed=0,
+        summary=summary or {},
+    )
+    return run, trials, write_run_folder(Path(out_dir) / name, run, trials)
 
 
 def _read_folder(folder: Path) -> tuple[RunRecord, list[TrialRecord]]:

@@ -146,3 +146,42 @@ def percentile(samples: Sequence[float], q: float) -> float | None:
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def ratio_summary(
+    numerators: Sequence[float | None],
+    denominators: Sequence[float | None],
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Summary:
+    """The ratio A/B of two variants measured in interleaved rounds (round ``i`` gave ``numerators[i]`` and
+    ``denominators[i]``): median, mean and stdev of the per-round ratios, and a percentile-bootstrap CI of
+    their median (rounds resampled whole, so drift that hit both variants of a round cancels).
+
+    A round where either side was not measured (None/NaN) or B is 0 is left out."""
+    if len(numerators) != len(denominators):
+        raise ValueError(f"a paired ratio needs as many numerators as denominators, got {len(numerators)} "
+                         f"and {len(denominators)}")
+    ratios = [float(a) / float(b) for a, b in zip(numerators, denominators)
+              if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))
+              and float(b) != 0]
+    method = "bootstrap-paired-ratio"
+    if not ratios:
+        return Summary(0, None, None, None, None, None, method, confidence)
+    mean, median = statistics.fmean(ratios), statistics.median(ratios)
+    if len(ratios) < 2:
+        return Summary(1, mean, median, None, None, None, method, confidence)
+    lo, hi = bootstrap_interval(ratios, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    return Summary(len(ratios), mean, median, statistics.stdev(ratios), lo, hi, method, confidence)
+
+
+def medians(runs: Sequence[dict]) -> dict[str, float | None]:
+    """The median of every numeric figure over repeated runs (dicts of one load or one run each)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)] if runs else []
+    out: dict[str, float | None] = {}
+    for k in keys:
+        vals = _clean([r.get(k) for r in runs if isinstance(r.get(k), (int, float))])
+        out[k] = statistics.median(vals) if vals else None
+    return out

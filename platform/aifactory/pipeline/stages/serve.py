@@ -27,7 +27,7 @@ def serve_stage(ctx: RunContext) -> StageResult:
     from aifactory.serve import deploy
     from aifactory.registry import ModelRegistry
     from aifactory.serve.config import AutoscalingSpec, CompletionsArgs, Limits, SLOClassConfig
-    from aifactory.serve.loadgen import closed_loop
+    from aifactory.bench.loadgen import closed_loop
     from aifactory.serve.usage import tenant_usage
 
     name, version = ctx.artifacts.get("model_name"), ctx.artifacts.get("model_version")
@@ -66,23 +66,23 @@ def serve_stage(ctx: RunContext) -> StageResult:
         headers = {"X-Tenant": ctx.tenant.tenant}
         result = asyncio.run(closed_loop(f"{base}/v1/completions", body, concurrency=CONCURRENCY,
                                          total=BURST_REQUESTS, headers=headers))
-        s = result.summary()
+        s = result.metrics()
         with urllib.request.urlopen(f"{base}/v1/status", timeout=30) as resp:
             status = json.loads(resp.read())
         time.sleep(1.0)  # replicas flush usage deltas every 0.5 s
         usage = tenant_usage(app).get(ctx.tenant.tenant, {})
         hit_ratio = (status.get("exact_cache") or {}).get("hit_ratio", 0.0)
-        ok = s["ok"] == s["requests"]
+        ok = s["num_ok"] == s["num_requests"]
         return StageResult(
             ok=ok,
             summary={
-                "model": f"{name}:{version}", "deploy_s": round(deploy_s, 1), "requests": s["requests"],
-                "ok": s["ok"], "rps": round(s["throughput_rps"], 1), "p50_ms": round(s["p50_ms"], 1),
-                "p95_ms": round(s["p95_ms"], 1), "p99_ms": round(s["p99_ms"], 1),
+                "model": f"{name}:{version}", "deploy_s": round(deploy_s, 1), "requests": s["num_requests"],
+                "ok": s["num_ok"], **{k: round(s[m], 1) if s[m] is not None else None for k, m in (
+                    ("rps", "throughput_rps"), ("p50_ms", "p50_ms"), ("p95_ms", "p95_ms"), ("p99_ms", "p99_ms"))},
                 "cache_hit_ratio": round(hit_ratio, 3),
                 "tenant_requests": usage.get("requests"), "tenant_tokens": usage.get("tokens"),
             },
-            note="" if ok else f"({s['requests'] - s['ok']} requests failed)",
+            note="" if ok else f"({s['num_requests'] - s['num_ok']} requests failed)",
         )
     finally:
         try:
