@@ -183,7 +183,25 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None else None
             x = block(x, cache=cache, start_pos=start_pos)
-        return self.head(self.ln_f(x))
+        return self._logits(self.ln_f(x))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's output as a tensor of its own, not a view.
+
+        ``nn.Linear`` on a (B, T, d) input runs one ``addmm`` on a flattened view and returns a ``.view`` of its
+        result, so the model's output was a view. FSDP2 hooks the root module's output for its backward
+        all-gather and warns on every training step (torch/distributed/fsdp/_fully_shard/_fsdp_state.py,
+        ``_register_pre_backward_hook``) that an in-place op on such a view would drop that hook. Nothing here
+        modifies the logits in place (the loss reads them out of place), so gradients were right; but the output
+        the training loop holds is now a tensor with no base, so no later in-place op can skip the all-gather:
+        ``matmul`` of a 3-D input returns an unaliased result, and the bias is added out of place (same maths).
+        A replaced head (a quantized variant's Linear has no weight tensor) is called as it is.
+        """
+        head = self.head
+        if type(head) is not nn.Linear:
+            return head(h)
+        out = torch.matmul(h, head.weight.t())
+        return out + head.bias if head.bias is not None else out
 
     @torch.no_grad()
     def generate(
