@@ -3,17 +3,15 @@
 Ray Data feed vs a torch DataLoader over the same Parquet shards vs synthetic in-memory tensors (the
 no-I/O ceiling), side by side in one run, median of --repeats: rows/s of the feed alone, and the
 data-wait fraction of a fixed compute step (a tiny model's forward + backward). Targets: wait < 5% of
-step time; Ray Data rows/s >= 0.9x the DataLoader's. Writes benchmarks/results/data_feed-<time>.json and
-a PNG beside it, and prints a table. Uses the cluster of --address / RAY_ADDRESS / `factory up`, else an
+step time; Ray Data rows/s >= 0.9x the DataLoader's (the median of the paired rounds, with its CI).
+Records through the measurement toolkit: benchmarks/results/data_feed/ (run.json, trials.jsonl with every
+round's figures; ``factory bench report|compare`` read it) and data_feed.png, and prints a table. Uses the cluster of --address / RAY_ADDRESS / `factory up`, else an
 embedded one. The machinery lives in aifactory.data.feedbench.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefetch-batches", type=int, default=2)
     p.add_argument("--address")
     p.add_argument("--num-cpus", type=int, default=4)
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    started = time.time()
 
     import torch
 
@@ -87,20 +87,33 @@ def main(argv: list[str] | None = None) -> None:
                       "data_wait_fraction": med(name, "with_compute", "data_wait_fraction"),
                       "median_wait_ms": med(name, "with_compute", "median_wait_ms"),
                       "startup_s": med(name, "feed_only", "startup_s")} for name in feeds}
-    ratio = summary["ray_data"]["rows_per_s"] / summary["torch_dataloader"]["rows_per_s"]
+    from aifactory.bench.analysis import summarize_configs
+    from aifactory.bench.context import collect_context
+    from aifactory.bench.report import bar_chart
+    from aifactory.bench.results import record_benchmark
+    from aifactory.bench.stats import ratio_summary
+
+    paired = ratio_summary([x["rows_per_s"] for x in runs["ray_data"]["feed_only"]],
+                           [x["rows_per_s"] for x in runs["torch_dataloader"]["feed_only"]])
+    ratio = paired.median
     out = {
-        "benchmark": "data_feed", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": v.version,
-        "params": {**vars(args), "steps": steps}, "train_rows": rows_total, "shards": len(files),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "ray": ray.__version__, "load_avg": os.getloadavg()},
-        "summary": summary, "ray_vs_dataloader_rows_ratio": ratio,
+        "dataset": v.version, "train_rows": rows_total, "shards": len(files), "feeds": summary,
+        "ray_vs_dataloader_rows_ratio": paired.to_dict(),
         "targets": {"wait_below_5pct": summary["ray_data"]["data_wait_fraction"] < 0.05, "ratio_at_least_0.9": ratio >= 0.9},
-        "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"data_feed-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    _plot(summary, stem.with_suffix(".png"))
+    # One trial per feed and round: the feed alone (rows/s = samples/s) and with the compute step (data wait).
+    variants = {name: [{"samples_per_s": fo["rows_per_s"], "rows_per_s_with_compute": wc["rows_per_s"],
+                        "data_wait_fraction": wc["data_wait_fraction"], "median_wait_ms": wc["median_wait_ms"],
+                        "startup_s": fo["startup_s"], "samples": fo["rows"],
+                        "train_cpu_s": args.num_cpus * (fo["seconds"] + wc["seconds"])}
+                       for fo, wc in zip(r["feed_only"], r["with_compute"])] for name, r in runs.items()}
+    _, trials, folder = record_benchmark(
+        "data_feed", variants, out_dir=args.out, kind="data-benchmark-feed", started_at=started, summary=out,
+        context=collect_context(dataset_version=v.version), params={**vars(args), "steps": steps},
+        knobs={name: {"feed": name} for name in variants})
+    bar_chart(Path(args.out) / "data_feed.png", "data feeds", summarize_configs(trials, family="training"),
+              [("samples_per_s", "feed throughput (rows/s, no compute)"),
+               ("data_wait_fraction", "data-wait share of a fixed compute step")])
 
     print(f"\ndata feed: {v.version}, {rows_total} train rows x {args.seq_len} tokens, {len(files)} shards, batch {bs}, "
           f"{steps} steps, median of {args.repeats}")
@@ -110,26 +123,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * s['data_wait_fraction']:>9.2f}% {s['median_wait_ms']:>10.2f}ms {s['startup_s']:>7.1f}s")
     print(f"ray_data / torch_dataloader rows/s = {ratio:.2f} (target >= 0.9); "
           f"ray_data wait {100 * summary['ray_data']['data_wait_fraction']:.2f}% (target < 5%)")
-    print(f"results: {stem.with_suffix('.json')}  plot: {stem.with_suffix('.png')}")
-
-
-def _plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.bar(names, [summary[n]["rows_per_s"] for n in names], color=["tab:blue", "tab:orange", "tab:gray"])
-    a.set_title("feed throughput (rows/s, no compute)")
-    b.bar(names, [100 * summary[n]["data_wait_fraction"] for n in names], color=["tab:blue", "tab:orange", "tab:gray"])
-    b.axhline(5, color="red", linestyle="--", label="5% target")
-    b.set_title("data-wait share of a fixed compute step (%)")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    print(f"ray_data / torch_dataloader rows/s, paired rounds: 95% CI [{paired.ci_low or 0:.2f}, {paired.ci_high or 0:.2f}]")
+    print(f"results: {folder}  plot: {Path(args.out) / 'data_feed.png'}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,15 @@ the comparison uses (32 closed-loop clients send in bursts that fill batches, so
 steady arrivals get): rates rise from a fraction of the closed-loop estimate until a point no longer runs
 below saturation (rejections, the generator or the server falling behind the offered rate, the admission
 bound filled, or the median latency growing over the run; see
-``aifactory.serve.benchmarking.below_saturation``). With ``--admission sized`` (default) the bound on
+``aifactory.bench.loadgen.below_saturation``). With ``--admission sized`` (default) the bound on
 requests in flight is then set by Little's law to S x (2 x the p99 measured at 0.8 S), since a full bound
 of C requests served at S waits C / S, and checked as an operator would: the sized bound, then 0.8x of
 it, and so on (never below 1.25x what 0.8 S holds in flight), until a short 0.8 S / 2 S pair meets the
 objective; ``fixed`` keeps the flags. Then 0.8 S and 2 S alternate; 0.8 S must reject nothing and keep few
 requests in flight. Target: p99 of admitted requests at 2 S at most 2x the p99 at 0.8 S, and the excess
-rejected quickly. Writes benchmarks/results/serve_overload.{json,png}.
+rejected quickly. Records through the measurement toolkit: benchmarks/results/serve_overload/ (run.json
+with the calibration, the admission search, the checks and the paired p99 ratio with its CI; trials.jsonl
+with every 0.8 S and 2 S run, priced) and serve_overload.png.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ import statistics
 import time
 from pathlib import Path
 
-from aifactory.serve.benchmarking import (
-    bar_chart, below_saturation, context, find_saturation, interleaved, medians, prepare_auth, private_cluster,
-    write_results,
-)
+from aifactory.bench.analysis import summarize_configs
+from aifactory.bench.context import collect_context
+from aifactory.bench.loadgen import below_saturation, closed_loop, find_saturation, open_loop
+from aifactory.bench.report import bar_chart
+from aifactory.bench.results import interleaved, record_benchmark
+from aifactory.bench.stats import medians, ratio_summary
+from aifactory.serve.benchmarking import prepare_auth, private_cluster
 from aifactory.serve.config import AutoscalingSpec, BatchingConfig, EmbeddingsArgs
-from aifactory.serve.loadgen import closed_loop, open_loop
 
 RESULTS = Path(__file__).parent / "results"
+REPLICA_CPUS = 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                         "budget (2x the p99 at 0.8 S); fixed: keep --max-ongoing/--max-queued")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
+    started = time.time()
     prepare_auth()  # before Ray is imported: Ray reads its auth settings once per process
     from ray import serve
 
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     def app_args(max_ongoing: int, max_queued: int) -> EmbeddingsArgs:
         return EmbeddingsArgs(
             batching=BatchingConfig(max_batch_size=32, batch_wait_timeout_s=0.01),
-            max_ongoing_requests=max_ongoing, max_queued_requests=max_queued, retry_after_s=1, num_cpus=0.5,
+            max_ongoing_requests=max_ongoing, max_queued_requests=max_queued, retry_after_s=1, num_cpus=REPLICA_CPUS,
             autoscaling=AutoscalingSpec(min_replicas=1, max_replicas=1, slo_aware=False),
         )
 
@@ -71,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             return {"model": "all-MiniLM-L6-v2", "input": f"request number {i} about serving under load"}
 
         def open_at(rate: float, duration_s: float) -> dict:
-            return asyncio.run(open_loop(url, body, rate_rps=rate, duration_s=duration_s,
-                                         max_in_flight=1024)).summary()
+            m = asyncio.run(open_loop(url, body, rate_rps=rate, duration_s=duration_s, max_in_flight=1024)).metrics()
+            return m | {"replica_cpu_s": REPLICA_CPUS * m["wall_s"]}
 
         asyncio.run(closed_loop(url, body, concurrency=32, total=200))  # warm-up
-        closed = asyncio.run(closed_loop(url, body, concurrency=a.max_ongoing, total=800)).summary()
+        closed = asyncio.run(closed_loop(url, body, concurrency=a.max_ongoing, total=800)).metrics()
         print(f"closed-loop estimate: {closed['throughput_rps']:.0f} rps (concurrency {a.max_ongoing}, "
-              f"{closed['rejected']} rejected)", flush=True)
+              f"{closed['num_rejected']} rejected)", flush=True)
         s_rps, calibration = find_saturation(lambda r: open_at(r, a.calibrate_duration),
                                              start_rps=0.3 * closed["throughput_rps"], capacity=capacity)
         print(f"saturation S: {s_rps:.1f} rps (open loop, highest rate that kept up)", flush=True)
@@ -120,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             for c in candidates:
                 limits = deploy_bound(c)
                 lo, hi = open_at(0.8 * s_rps, a.calibrate_duration), open_at(2.0 * s_rps, a.calibrate_duration)
-                ok = lo["rejected"] == 0 and lo["errors"] == 0 and hi["p99_ms"] <= 2 * lo["p99_ms"]
+                ok = (lo["num_rejected"] == 0 and lo["num_errors"] == 0 and None not in (lo["p99_ms"], hi["p99_ms"])
+                      and hi["p99_ms"] <= 2 * lo["p99_ms"])
                 search.append({"bound": c, **limits, "p99_0_8x_ms": lo["p99_ms"], "p99_2x_ms": hi["p99_ms"],
-                               "rejected_0_8x": lo["rejected"], "meets": ok})
-                print(f"  bound {c:3d}: p99 0.8 S {lo['p99_ms']:.0f} ms, 2 S {hi['p99_ms']:.0f} ms, "
-                      f"rejected at 0.8 S {lo['rejected']}: {'meets' if ok else 'misses'} the objective", flush=True)
+                               "rejected_0_8x": lo["num_rejected"], "meets": ok})
+                print(f"  bound {c:3d}: p99 0.8 S {lo['p99_ms'] or 0:.0f} ms, 2 S {hi['p99_ms'] or 0:.0f} ms, "
+                      f"rejected at 0.8 S {lo['num_rejected']}: {'meets' if ok else 'misses'} the objective",
+                      flush=True)
                 chosen = limits
                 if ok:
                     break
@@ -138,47 +146,53 @@ def main(argv: list[str] | None = None) -> int:
                             "2x": lambda: open_at(2.0 * s_rps, a.duration)}, repeats=a.repeats)
     med = {k: medians(v) for k, v in runs.items()}
     low, high = med["0.8x"], med["2x"]
-    low_clean = all(r["rejected"] == 0 and r["errors"] == 0 for r in runs["0.8x"])
+    low_clean = all(r["num_rejected"] == 0 and r["num_errors"] == 0 for r in runs["0.8x"])
     low_peak = max(r["peak_in_flight"] for r in runs["0.8x"])
     # 0.8 S must still run below saturation when compared (the host's load may have risen since calibration).
     low_checks = [below_saturation(r, capacity=capacity) for r in runs["0.8x"]]
     low_below = all(ok for ok, _ in low_checks)
     # 2 S must overload the server; if it did not, the cores got faster since calibration (other work on the
     # host stopped) and the comparison says nothing: flag it rather than claim the target.
-    high_saturated = all(r["rejected"] > 0 or (r.get("answered_rps") or 0) < 0.95 * r["offered_rps"]
+    high_saturated = all(r["num_rejected"] > 0 or (r.get("answered_rps") or 0) < 0.95 * r["offered_rps"]
                          for r in runs["2x"])
+    p99_ratio = ratio_summary([r["p99_ms"] for r in runs["2x"]], [r["p99_ms"] for r in runs["0.8x"]])
     result = {
-        "benchmark": "serve_overload", "ingress": a.ingress, "context": context(),
+        "ingress": a.ingress,
         "admission": admission | {"rejection": "429 + Retry-After (Serve BackpressureConfig)"},
         "closed_loop_estimate": closed, "calibration": calibration, "saturation_rps": s_rps,
-        "runs": runs, "median": med,
+        "median": med, "p99_ratio_2x_over_0_8x_paired": p99_ratio.to_dict(),
         "check_0_8x": {"nothing_rejected": low_clean, "peak_in_flight": low_peak,
                        "queue_short": low_clean and low_peak <= admission["max_ongoing_requests"],
                        "below_saturation": low_below, "reasons": [why for _, why in low_checks]},
         "check_2x": {"saturated": high_saturated},
         "valid": high_saturated and low_below,
         "p99_ratio_2x_over_0_8x": high["p99_ms"] / low["p99_ms"],
-        "rejected_fraction_2x": high["rejected"] / max(1, high["requests"]),
+        "rejected_fraction_2x": high["num_rejected"] / max(1, high["num_requests"]),
         "target_met": high_saturated and low_below and high["p99_ms"] <= 2 * low["p99_ms"],
     }
-    path = write_results("serve_overload", result, out_dir=a.out)
+    _, trials, folder = record_benchmark(
+        "serve_overload", {"0.8S": runs["0.8x"], "2S": runs["2x"]}, out_dir=a.out, kind="serve-benchmark-overload",
+        started_at=started, context=collect_context(model_version="all-MiniLM-L6-v2"), summary=result,
+        params=vars(a) | {"load": "open loop"},
+        knobs={"0.8S": {"offered_rps": 0.8 * s_rps}, "2S": {"offered_rps": 2 * s_rps}})
     bar_chart(Path(a.out) / "serve_overload.png", f"Overload with admission control ({a.ingress} ingress), "
-              f"S = {s_rps:.0f} rps", {"0.8 S": low, "2 S": high},
+              f"S = {s_rps:.0f} rps", summarize_configs(trials, family="serving"),
               [("throughput_rps", "admitted throughput (req/s)"), ("p99_ms", "p99 of admitted (ms)"),
-               ("rejected", "rejected (429) per run")])
+               ("error_rate", "not answered 2xx (share)")])
     print(f"0.8 S = {0.8 * s_rps:.0f} rps offered: answered {low['throughput_rps']:.0f} rps, p99 {low['p99_ms']:.0f} ms, "
-          f"rejected {low['rejected']:.0f}, peak in flight {low_peak} "
+          f"rejected {low['num_rejected']:.0f}, peak in flight {low_peak} "
           f"({'below saturation' if low_below else 'NOT below saturation'})")
     print(f"2 S = {2 * s_rps:.0f} rps offered: answered {high['throughput_rps']:.0f} rps, p99 {high['p99_ms']:.0f} ms, "
-          f"rejected {high['rejected']:.0f} of {high['requests']:.0f} (reject p99 {high.get('reject_p99_ms') or 0:.0f} ms)")
+          f"rejected {high['num_rejected']:.0f} of {high['num_requests']:.0f} (reject p99 {high.get('reject_p99_ms') or 0:.0f} ms)")
     if not result["valid"]:
         print("INVALID comparison: " + ("2 S did not saturate the server (the host's load changed since "
                                         "calibration); " if not high_saturated else "")
               + ("0.8 S was not below saturation when compared: " + "; ".join(why for _, why in low_checks)
                  if not low_below else ""))
-    print(f"p99 ratio 2 S / 0.8 S: {result['p99_ratio_2x_over_0_8x']:.2f}, target (<= 2) "
-          f"{'met' if result['target_met'] else 'NOT met'}")
-    print(f"wrote {path}")
+    print(f"p99 ratio 2 S / 0.8 S: {result['p99_ratio_2x_over_0_8x']:.2f} (paired rounds: median "
+          f"{p99_ratio.median or 0:.2f}, 95% CI [{p99_ratio.ci_low or 0:.2f}, {p99_ratio.ci_high or 0:.2f}]), target "
+          f"(<= 2) {'met' if result['target_met'] else 'NOT met'}")
+    print(f"wrote {folder}")
     return 0
 
 

@@ -9,15 +9,15 @@ decodes the same prompts (validation rows) through the serving engine, one torch
 replica), in interleaved rounds (aifactory.optimize.measure). Quality is each one's validation loss on the
 parent's validation split and its delta to the parent; cost per 1k requests prices the CPU-seconds with the
 price book. Expected on CPU: int8 dynamic >= 1.5x the parent's throughput for Linear-heavy models.
-Writes benchmarks/results/variants.json and variants.png.
+Records through the measurement toolkit: benchmarks/results/variants/ (run.json with each variant's row and
+the paired throughput ratio to the parent with its CI; trials.jsonl with every round, priced) and
+variants.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sysconfig
 import tempfile
 import time
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=32)
     p.add_argument("--train-steps", dest="train_steps", type=int, default=40)
     p.add_argument("--distill-steps", dest="distill_steps", type=int, default=30)
-    p.add_argument("--out", default=str(RESULTS / "variants.json"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    started = time.time()
 
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     root = Path(tempfile.mkdtemp(prefix="aif-bench-variants-"))
@@ -53,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     from aifactory.optimize.config import EvalSpec
     from aifactory.recipes import quantize_spec
     from aifactory.optimize.gate import eval_loss, load_registered, validation_batches
-    from aifactory.optimize.measure import compare_variants, plot, summarize
+    from aifactory.bench.analysis import summarize_configs
+    from aifactory.bench.context import collect_context
+    from aifactory.bench.report import bar_chart
+    from aifactory.bench.results import record_benchmark
+    from aifactory.bench.stats import ratio_summary
+    from aifactory.optimize.measure import compare_variants, summarize
     from aifactory.optimize.quantize import run_quantize
     from aifactory.registry import ModelRegistry
 
@@ -96,29 +102,36 @@ def main(argv: list[str] | None = None) -> int:
         r["throughput_vs_parent"] = r["throughput_rps"] / base["throughput_rps"]
         r["p99_vs_parent"] = r["p99_latency_s"] / base["p99_latency_s"]
         r["weights_vs_parent"] = r["weights_bytes"] / base["weights_bytes"]
+    for r in rows:
+        r["throughput_ratio_to_parent_paired"] = ratio_summary(
+            runs[r["label"]].round_throughput_rps, runs["parent"].round_throughput_rps).to_dict()
     result = {
-        "benchmark": "variants", "parent": parent_ref, "dataset_version": version.version,
+        "parent": parent_ref, "dataset_version": version.version,
         "workload": {"requests_per_round": args.requests, "rounds": args.rounds, "batch_size": args.batch_size,
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "torch_threads": 1,
                      "greedy": True, "validation_batches": len(batches), "eval_seq_len": 64},
         "price_book": book.version, "variants": rows, "timings_s": timings,
-        "context": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "load_avg": os.getloadavg(), "python": platform.python_version(),
-                    "quantized_engine": torch.backends.quantized.engine},
         "expectation": {"int8_throughput_vs_parent_min": 1.5,
                         "met": rows[1]["throughput_vs_parent"] >= 1.5},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    plot(rows, str(out.with_suffix(".png")), title=f"variants of {parent_ref} (1 thread, batch {args.batch_size}, "
-                                                  f"{args.max_tokens} new tokens)")
+    # One trial per variant and round: that round's throughput, its share of the CPU-seconds (priced).
+    variants = {label: [{"throughput_rps": rps, "num_ok": len(prompts), "num_requests": len(prompts),
+                         "replica_cpu_s": runs[label].cpu_s / len(runs[label].round_throughput_rps)}
+                        for rps in runs[label].round_throughput_rps] for label in refs}
+    _, trials, folder = record_benchmark(
+        "variants", variants, out_dir=args.out, kind="serve-benchmark-variants", started_at=started, summary=result,
+        context=collect_context(dataset_version=version.version, model_version=parent_ref,
+                                flags={"quantized_engine": torch.backends.quantized.engine, "torch_threads": 1}),
+        params=vars(args), knobs={label: {"model": ref} for label, ref in refs.items()})
+    bar_chart(Path(args.out) / "variants.png", f"variants of {parent_ref} (1 thread, batch {args.batch_size}, "
+              f"{args.max_tokens} new tokens)", summarize_configs(trials, family="serving"),
+              [("throughput_rps", "throughput (req/s)"), ("cost_per_1k_requests_usd", "cost per 1k requests (USD)")])
     cols = ["label", "throughput_rps", "throughput_vs_parent", "p50_latency_s", "p99_latency_s", "weights_bytes",
             "val_loss", "quality_delta", "cost_per_1k_requests_usd"]
     print("  ".join(f"{c:>14}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{r[c]!s:>14}" for c in cols))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {folder} and {Path(args.out) / 'variants.png'}")
     return 0
 
 

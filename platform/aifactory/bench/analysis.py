@@ -36,6 +36,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("cost_per_1m_tokens_usd", "lower", "USD", "serving"),
     Metric("time_to_quality_s", "lower", "s", "training"),
     Metric("samples_per_s", "higher", "samples/s", "training"),
+    Metric("data_wait_fraction", "lower", "", "training"),  # share of a step spent waiting for data
     Metric("peak_memory_bytes", "lower", "B", "training"),
     Metric("final_val_loss", "lower", "", "training"),
     Metric("cost_per_validated_checkpoint_usd", "lower", "USD", "training"),

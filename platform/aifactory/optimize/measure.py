@@ -28,9 +28,10 @@ class VariantRun:
     cpu_s: float = 0.0
 
 
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
+def _p(values: list[float], q: float) -> float | None:
+    from aifactory.bench.stats import percentile  # the toolkit's one percentile (linear interpolation)
+
+    return percentile(values, q * 100)
 
 
 def compare_variants(registry_location: str, refs: dict[str, str], *, prompts: list[list[int]], max_tokens: int,
