@@ -117,3 +117,66 @@ def test_plain_ray_jobs_are_metered_by_the_always_on_meter(ray_driver, tmp_path)
     assert abs(sum(r.quantity_s for r in records) - capacity_s) <= 0.005 * capacity_s
     table = run_factory("costs", "--by", "tenant", "--since", str(int(t_begin) - 5), home=cluster.home).stdout
     assert "door-alpha" in table and "capacity" in table
+
+
+def _wait_committed(cluster, t_end: float) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        health = json.loads(run_factory("status", "--format", "json", home=cluster.home).stdout)["meter"]
+        if health["commit_lag_s"] is not None and time.time() - health["commit_lag_s"] > t_end + 1:
+            return
+        assert time.monotonic() < deadline, health
+        time.sleep(METER_INTERVAL_S)
+
+
+def test_work_a_driver_launches_is_metered_as_the_launchs_kind(ray_driver):
+    """One driver, several launches (as `factory run` does): each launch's work carries its own kind, not the
+    driver's, so unit costs (per validated checkpoint, per batch) are not $0."""
+    import ray
+
+    from aifactory.cost.ledger import Ledger
+    from aifactory.home import FactoryHome
+    from aifactory.tenancy import TenantRef, WorkloadKind
+    from aifactory.workloads import Resources, Workload, launch
+
+    home = FactoryHome.from_env(ray_driver.home)
+
+    @ray.remote(num_cpus=1)
+    def hold(s):
+        time.sleep(s)
+
+    wl = Workload(kind=WorkloadKind.BATCH_INFERENCE, tenant=TenantRef(tenant="door-spans"), name="spans",
+                  resources=Resources(cpu=1))
+    t0 = time.time()
+    launch(wl, home=home, run=lambda handle: ray.get(hold.remote(3.0)))
+    ray.get(hold.remote(0.5))  # after the launch: the driver's own kind
+    _wait_committed(ray_driver, time.time())
+    job = ray.get_runtime_context().get_job_id()
+    rows = [r for r in Ledger.of(home).usage(since=t0 - 1) if r.job_id == job and r.resource.value == "cpu"]
+    by_kind = {}
+    for r in rows:
+        by_kind[r.workload] = by_kind.get(r.workload, 0.0) + r.quantity_s
+    assert abs(by_kind.get("batch-inference", 0.0) - 3.0) < 0.5, by_kind
+    assert by_kind.get("other", 0.0) > 0.2, by_kind
+
+
+def test_a_job_holding_more_than_it_declared_is_flagged(ray_driver, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    script = tmp_path / "hold.py"
+    script.write_text(JOB)
+    t0 = time.time()
+    out = run_factory("submit", "--tenant", "door-over", "--num-cpus", "1", "--entrypoint-num-cpus", "0",
+                      "--working-dir", str(tmp_path), "--", "python", "hold.py", "2", "4",
+                      home=ray_driver.home).stdout
+    sub = out.strip().splitlines()[-1]
+    jobs = JobSubmissionClient(ray_driver.dashboard_url)
+    deadline = time.monotonic() + 120
+    while jobs.get_job_status(sub).value not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert jobs.get_job_status(sub).value == "SUCCEEDED", jobs.get_job_logs(sub)
+    table = run_factory("costs", "--since", str(int(t0) - 5), home=ray_driver.home).stdout
+    line = next((ln for ln in table.splitlines() if ln.startswith("alert (over_declared): tenant door-over")), None)
+    assert line is not None, table
+    assert "holds 2 CPU but declared 1" in line, line

@@ -90,6 +90,10 @@ def _costs(args) -> int:
     emit(rows, args.format)
     if args.format == "table" and args.tenant is None and records:
         print(capacity_line(records))
+    if args.format == "table":
+        for a in ledger.alerts(since=since):
+            if args.tenant is None or a["tenant"] == args.tenant:
+                print(f"alert ({a['kind']}): tenant {a['tenant']}: {a['message']}")
     return 0
 
 

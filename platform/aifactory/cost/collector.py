@@ -25,6 +25,7 @@ import math
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from pydantic import Field
 
@@ -33,11 +34,13 @@ from aifactory.cost.attribution import CapacityPoint, Tracker, attribute, keys_f
 from aifactory.cost.gpu import GpuMeter, GpuUse
 from aifactory.cost.ledger import Ledger
 from aifactory.cost.records import PricingClass, Resource
+from aifactory.cost.spans import SpanReader, over_declared, retag
 from aifactory.tenancy import UNATTRIBUTED
 
 log = logging.getLogger("aifactory.cost")
 
 COLLECTOR_NAME = "aifactory-cost-collector"
+OVER_DECLARED = "over_declared"  # the alert kind of a job that holds more than it declared
 NAMESPACE = "aifactory"
 
 
@@ -86,6 +89,10 @@ class CollectorCore:
 
         self.gpu = gpu_status()  # this node's NVML; replaced by the GPU nodes' once there are any
         self.gpu_meter = GpuMeter(NAMESPACE)
+        self.spans = SpanReader(Path(config.ledger_path).parent / "workloads")
+        # (job id, resource) already flagged as holding more than declared, across restarts of the meter.
+        self._flagged: set[tuple[str, str]] = {
+            key for a in self.ledger.alerts() if a["kind"] == OVER_DECLARED and (key := _overrun_key(a["message"]))}
 
     def _window_of(self, t: float) -> float:
         return math.floor(t / self.config.window_s) * self.config.window_s
@@ -100,6 +107,8 @@ class CollectorCore:
         if not self.capacity or dict(self.capacity[-1].resources) != snap.capacity:
             self.capacity.append(CapacityPoint(snap.t, dict(snap.capacity)))
         self.tracker.observe(snap.t, snap.holdings)
+        self._retag()
+        self._flag_overruns(snap)
         held = snap.pending_since is not None and snap.t - snap.pending_since < self.config.pending_hold_s
         self._hold_from = snap.pending_since if held else None
         for holder, pids in snap.pids.items():
@@ -113,6 +122,30 @@ class CollectorCore:
         self._track_serve(snap)
         self._publish_live()
         return self._commit_closed()
+
+    def _retag(self) -> None:
+        """Holdings a driver took while one of its launches ran carry that launch's kind (``cost.spans``)."""
+        spans = self.spans.spans()
+        if not spans:
+            return
+        for table in (self.tracker.open, self.tracker.closed):
+            for holder, h in table.items():
+                table[holder] = retag(h, spans)
+
+    def _flag_overruns(self, snap) -> None:
+        """A job holding more than it declared (``factory submit --num-cpus``) gets one alert per resource:
+        quotas admitted it by its declaration, so the overrun is usage no admission saw."""
+        if not snap.declared:
+            return
+        for job_id, over in over_declared(self.tracker.open.values(), snap.declared).items():
+            for resource, (held, limit) in sorted(over.items()):
+                if (job_id, resource) in self._flagged:
+                    continue
+                self._flagged.add((job_id, resource))
+                tenant = snap.job_tenants.get(job_id, UNATTRIBUTED)
+                msg = _overrun_message(job_id, resource, held, limit)
+                log.warning("over-declared: tenant %s: %s", tenant, msg)
+                self.ledger.add_alert(tenant, OVER_DECLARED, msg)
 
     def _track_gpus(self, snap) -> None:
         """NVML readings of every GPU node since the last sample, by holder, into the sample's window."""
@@ -130,7 +163,8 @@ class CollectorCore:
             for tenant, row in tenants.items():
                 before = (self._last_serve.get(app) or {}).get(tenant) or {}
                 key = (w, app, tenant)
-                acc = self._serve_rows.setdefault(key, {"requests": 0.0, "processing_s": 0.0, "tokens": 0.0})
+                acc = self._serve_rows.setdefault(key, {"requests": 0.0, "processing_s": 0.0, "tokens": 0.0,
+                                                        "answered": 0.0, "rejected": 0.0})
                 for k in acc:
                     acc[k] += max(0.0, float(row.get(k, 0.0)) - float(before.get(k, 0.0)))
         if snap.serve_usage:
@@ -206,6 +240,16 @@ class CollectorCore:
                 "windows": self.windows, "records": self.records, "resumed": self.resumed,
                 "open_holders": len(self.tracker.open), "gpu": self.gpu, "last_error": self.last_error,
                 "ledger": str(self.ledger.path)}
+
+
+def _overrun_message(job_id: str, resource: str, held: float, limit: float) -> str:
+    return f"job {job_id} holds {held:g} {resource.upper()} but declared {limit:g}"
+
+
+def _overrun_key(message: str) -> tuple[str, str] | None:
+    """(job id, resource) of an :func:`_overrun_message`; None for any other text."""
+    parts = message.split()
+    return (parts[1], parts[4].lower()) if len(parts) >= 5 and parts[0] == "job" and parts[2] == "holds" else None
 
 
 def attach_used(records, *, cpu_s: dict[str, float], gpu: dict[str, GpuUse]):

@@ -2,7 +2,8 @@
 
 KPIs per tenant and project: total cost; cost per job; cost per validated checkpoint (all training
 cost, failed runs and retries included, over the checkpoints that passed validation); cost per 1k
-requests and per 1M tokens served (serving cost over the serving layer's counts); utilisation (used /
+requests (over answered, 2xx, requests; 429s are counted apart as ``rejected_requests``) and per 1M tokens
+served (serving cost over the serving layer's counts); utilisation (used /
 allocated CPU-seconds where usage was measured); and the idle cost of the cluster.
 """
 
@@ -94,10 +95,14 @@ def kpis(
             used_cpu[k] += r.used_s
             measured[k] = True
     requests: dict[tuple[str, str], float] = defaultdict(float)
+    rejected: dict[tuple[str, str], float] = defaultdict(float)
     tokens: dict[tuple[str, str], float] = defaultdict(float)
     for s in serve_usage:
         k = (s["tenant"], s.get("project", "default"))
-        requests[k] += float(s.get("requests", 0))
+        # Answered (2xx) requests only; a row from before the split counts all of its requests.
+        answered = s.get("answered")
+        requests[k] += float(s.get("requests", 0) if answered is None else answered)
+        rejected[k] += float(s.get("rejected") or 0)
         tokens[k] += float(s.get("tokens", 0))
     checkpoints: dict[tuple[str, str], float] = defaultdict(float)
     for e in events:
@@ -119,6 +124,7 @@ def kpis(
             "validated_checkpoints": checkpoints.get(k, 0.0),
             "cost_per_validated_checkpoint_usd": _ratio(train_cost, checkpoints.get(k, 0.0)),
             "requests": requests.get(k, 0.0),
+            "rejected_requests": rejected.get(k, 0.0),
             "cost_per_1k_requests_usd": _ratio(serve_cost, requests.get(k, 0.0) / 1000.0),
             "tokens": tokens.get(k, 0.0),
             "cost_per_1m_tokens_usd": _ratio(serve_cost, tokens.get(k, 0.0) / 1e6),

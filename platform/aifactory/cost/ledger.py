@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS live_pool (
 CREATE TABLE IF NOT EXISTS serve_usage (
     key TEXT PRIMARY KEY, window_start REAL NOT NULL, window_end REAL NOT NULL,
     tenant TEXT NOT NULL, project TEXT NOT NULL, application TEXT NOT NULL,
-    requests REAL NOT NULL, processing_s REAL NOT NULL, tokens REAL NOT NULL
+    requests REAL NOT NULL, processing_s REAL NOT NULL, tokens REAL NOT NULL,
+    answered REAL, rejected REAL
 );
 CREATE TABLE IF NOT EXISTS events (
     key TEXT PRIMARY KEY, t REAL NOT NULL, tenant TEXT NOT NULL, project TEXT NOT NULL,
@@ -71,6 +72,9 @@ _USAGE_COLS = ("key", *_RECORD_COLS, "written_at")
 # Columns added after the first schema: (name, SQL definition) for ALTER TABLE on older ledgers.
 _ADDED_USAGE_COLS = (("pool", "TEXT NOT NULL DEFAULT 'default'"), ("gpu_memory_gib_s", "REAL"), ("energy_j", "REAL"))
 
+# serve_usage columns added later: answered (2xx) and rejected (429) requests; NULL on rows of older ledgers.
+_ADDED_SERVE_COLS = (("answered", "REAL"), ("rejected", "REAL"))
+
 EVENT_KINDS = ("run", "run_failed", "retry", "checkpoint_validated")
 
 
@@ -83,7 +87,9 @@ class Ledger:
         with self._connect() as db:
             db.executescript(_SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
-        if not all(name in have for name, _ in _ADDED_USAGE_COLS):
+            have_serve = {row[1] for row in db.execute("PRAGMA table_info(serve_usage)")}
+        if not all(name in have for name, _ in _ADDED_USAGE_COLS) or \
+                not all(name in have_serve for name, _ in _ADDED_SERVE_COLS):
             self._migrate()
 
     def _migrate(self) -> None:
@@ -93,6 +99,10 @@ class Ledger:
             for name, definition in _ADDED_USAGE_COLS:
                 if name not in have:
                     db.execute(f"ALTER TABLE usage ADD COLUMN {name} {definition}")
+            have_serve = {row[1] for row in db.execute("PRAGMA table_info(serve_usage)")}
+            for name, definition in _ADDED_SERVE_COLS:
+                if name not in have_serve:
+                    db.execute(f"ALTER TABLE serve_usage ADD COLUMN {name} {definition}")
 
     @classmethod
     def of(cls, home) -> Ledger:
@@ -148,9 +158,11 @@ class Ledger:
             n = self._insert_usage(db, records)
             for row in serve_rows:
                 db.execute(
-                    "INSERT OR IGNORE INTO serve_usage VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR IGNORE INTO serve_usage (key, window_start, window_end, tenant, project, application, "
+                    "requests, processing_s, tokens, answered, rejected) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (row["key"], row["window_start"], row["window_end"], row["tenant"], row.get("project", "default"),
-                     row["application"], row["requests"], row["processing_s"], row["tokens"]),
+                     row["application"], row["requests"], row["processing_s"], row["tokens"], row.get("answered"),
+                     row.get("rejected")),
                 )
             db.execute(
                 "INSERT INTO collector_state VALUES (?,?,?,?) ON CONFLICT(cluster) DO UPDATE SET "
@@ -262,7 +274,8 @@ class Ledger:
         return [dict(zip(keys, r)) for r in rows]
 
     def serve_usage(self, *, since: float | None = None, tenant: str | None = None) -> list[dict]:
-        keys = ("tenant", "project", "application", "requests", "processing_s", "tokens", "window_start")
+        keys = ("tenant", "project", "application", "requests", "processing_s", "tokens", "window_start", "answered",
+                "rejected")
         return self._select(f"SELECT {', '.join(keys)} FROM serve_usage WHERE 1=1", keys,
                             since_clause="window_end > ?", since=since, tenant=tenant)
 

@@ -56,6 +56,10 @@ class Snapshot:
     # Earliest start of a submitted job still PENDING, not yet counted (its supervisor is not up): its
     # holding will begin at that start once it shows, so windows from there on must wait for it.
     pending_since: float | None = None
+    # job id -> what its submitter declared it would hold in all ({"cpu": n, "gpu": g}; the front door's
+    # ``declared_cpu`` / ``declared_gpu`` job metadata), and job id -> tenant: the meter flags overruns.
+    declared: dict[str, dict[str, float]] = field(default_factory=dict)
+    job_tenants: dict[str, str] = field(default_factory=dict)
 
 
 def resource_keys(resources: Mapping[str, float], *, accelerator: str, asic_sku: str,
@@ -282,8 +286,24 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
     if serve_usage:
         holdings = [_with_shares(h, serve_usage, last_serve or {}) for h in holdings]
     gpu_nodes = [n.node_id for n in nodes if (n.resources_total or {}).get("GPU")]
+    declared = {j.job_id: d for j in jobs if j.job_id and (d := declared_of(j.metadata))}
     return Snapshot(t=t, capacity=capacity, holdings=holdings, pids=pids, node_id=me, serve_usage=serve_usage,
-                    owners=owners, gpu_nodes=gpu_nodes, pending_since=min(pending) if pending else None)
+                    owners=owners, gpu_nodes=gpu_nodes, pending_since=min(pending) if pending else None,
+                    declared=declared, job_tenants={jid: tags.tenant for jid, tags in tags_by_job.items()})
+
+
+def declared_of(metadata: Mapping[str, str] | None) -> dict[str, float]:
+    """``{"cpu": n, "gpu": g}`` a job declared in its metadata (``declared_cpu`` / ``declared_gpu``); {} if none
+    or unreadable (a job submitted outside the front door declares nothing)."""
+    out = {}
+    for resource in ("cpu", "gpu"):
+        try:
+            value = float((metadata or {}).get(f"declared_{resource}", ""))
+        except ValueError:
+            continue
+        if value == value and value >= 0:  # not NaN
+            out[resource] = value
+    return out
 
 
 def actor_times() -> dict[str, tuple[float | None, float | None]]:

@@ -85,6 +85,10 @@ class UsageRecorder:
         self._processing.inc(processing_s, tags=self._base(tenant))
         self._add(tenant, "requests", 1)
         self._add(tenant, "processing_s", processing_s)
+        if 200 <= status < 300:  # the requests unit costs divide by: answered ones only
+            self._add(tenant, "answered", 1)
+        elif status == 429:  # refused by admission or a rate limit: counted apart, not billed as served
+            self._add(tenant, "rejected", 1)
         if status >= 400:
             self._add(tenant, "errors", 1)
 
