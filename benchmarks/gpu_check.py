@@ -24,7 +24,8 @@ def _worker(rank: int, world: int, port: int, steps: int, q) -> None:
 
     from aifactory.models.gpt import GPTConfig
     from aifactory.train.metrics import mfu, peak_flops
-    from aifactory.train.parallel import build_model, current_device
+    from aifactory.models.build import build_sharded
+    from aifactory.train.parallel import current_device
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dev = current_device(rank)
@@ -37,7 +38,7 @@ def _worker(rank: int, world: int, port: int, steps: int, q) -> None:
     cfg = GPTConfig(seq_len=512, d_model=1024, n_layers=12, n_heads=16, d_ff=4096)
     torch.manual_seed(0)
     # The training loop's path: meta-device build, FSDP2 shards, to_empty on the GPU, seeded shard-wise init.
-    model = build_model(cfg, sharding="fsdp", precision="bf16-mixed", device=dev.device, seed=0)
+    model = build_sharded(cfg, sharding="fsdp", precision="bf16-mixed", device=dev.device, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     gen = torch.Generator(device="cpu").manual_seed(rank)
     batch = 16

@@ -44,12 +44,12 @@ def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from aifactory.train.checkpoint import consolidated_model_state
-    from aifactory.train.parallel import build_model
+    from aifactory.models.build import build_sharded
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for sharding in ("fsdp", "ddp"):  # one process group for both: process start-up is the slow part
-            model = build_model(CFG, sharding=sharding, precision="bf16-mixed", device=torch.device("cpu"), seed=5)
+            model = build_sharded(CFG, sharding=sharding, precision="bf16-mixed", device=torch.device("cpu"), seed=5)
             assert not any(p.is_meta for p in model.parameters())
             if sharding == "fsdp":
                 local = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))

@@ -30,7 +30,7 @@ def _mlp(spec: MLPModelSpec):
         def __init__(self) -> None:
             super().__init__()
             dims = [spec.input_dim] + [spec.hidden_dim] * spec.num_layers
-            # ``blocks``: the units FSDP2 shards one by one (aifactory.train.parallel.shard_model).
+            # ``blocks``: the units FSDP2 shards one by one (aifactory.models.build.shard_model).
             self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.GELU()) for a, b in zip(dims, dims[1:]))
             self.head = nn.Linear(dims[-1], spec.output_dim)
 
@@ -61,7 +61,8 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from aifactory.train.parallel import autocast_context, shard_model
+    from aifactory.models.build import shard_model
+    from aifactory.train.parallel import autocast_context
 
     # Train's loop config arrives as a dict: validate it again at this boundary.
     model_spec = MLPModelSpec.model_validate(config["model"])

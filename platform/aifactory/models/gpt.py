@@ -145,7 +145,7 @@ class GPT(nn.Module):
         ``named_parameters`` order, and copied into the parameter; an FSDP2 (DTensor) parameter takes only
         this rank's shard of it (no communication). So a model built on the meta device, sharded, then
         ``to_empty``-ed gets exactly the weights of an unsharded eager build with the same seed, while no
-        rank ever holds more than one full parameter at a time (aifactory.train.parallel.build_model).
+        rank ever holds more than one full parameter at a time (aifactory.models.build.build_sharded).
         """
         from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -166,7 +166,7 @@ class GPT(nn.Module):
         max_len = max_len or cfg.seq_len
         if max_len > cfg.seq_len:
             raise ValueError(f"max_len ({max_len}) exceeds the model's seq_len ({cfg.seq_len})")
-        ref = self.tok_emb.weight  # not head.weight: a quantized head (aifactory.optimize) has no weight tensor
+        ref = self.tok_emb.weight  # not head.weight: a quantized head (aifactory.models.quantized) has no weight tensor
         shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
         mk = lambda: torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype)  # noqa: E731
         return KVCache(keys=[mk() for _ in range(cfg.n_layers)], values=[mk() for _ in range(cfg.n_layers)])

@@ -2,7 +2,7 @@
 
 The student is a :class:`~aifactory.train.config.TrainJob` (shape, steps, optimizer, scaling, precision,
 sharding) run with the training machinery: FSDP2 per block with the bf16-mixed policy
-(:func:`aifactory.train.parallel.build_model`: built on the meta device, sharded, then initialised), the
+(:func:`aifactory.models.build.build_sharded`: built on the meta device, sharded, then initialised), the
 data plane's deterministic feed, the warmup + cosine schedule, and the consolidated full state dict at the
 end. Each worker holds a frozen, full copy of the teacher (small next to the student's optimizer state) and
 computes its logits on the same batch:
@@ -69,7 +69,8 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     from aifactory.registry import ModelRegistry
     from aifactory.train import checkpoint as ckpt
     from aifactory.train.loop import lr_at
-    from aifactory.train.parallel import autocast_context, build_model, current_device, pin_cpu_malloc_threshold
+    from aifactory.models.build import build_sharded
+    from aifactory.train.parallel import autocast_context, current_device, pin_cpu_malloc_threshold
 
     payload = DistillPayload.model_validate(config)  # validate again on this side of the boundary
     spec, job = payload.spec, payload.spec.student
@@ -86,8 +87,8 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
         pin_cpu_malloc_threshold()  # FSDP2's per-block buffers otherwise grow the heap step after step
     torch.manual_seed(job.seed)
     # Meta-device build, sharded, then a seeded init: no rank holds the full fp32 student under FSDP2.
-    student = build_model(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device,
-                          seed=job.seed)
+    student = build_sharded(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device,
+                            seed=job.seed)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = job.optimizer
     optimizer = torch.optim.AdamW(
@@ -197,9 +198,9 @@ def _distill(home, registry, teacher_mv, spec: DistillSpec, version, *, handle, 
     import torch
 
     from aifactory.config import config_hash
-    from aifactory.models.gpt import GPT
+    from aifactory.models.build import build_model
+    from aifactory.models.quantized import load_state
     from aifactory.optimize.gate import load_registered, measure, register_variant, validation_batches, variant_manifest
-    from aifactory.optimize.quantize import load_state
     from aifactory.provenance import code_version
     from aifactory.train import runs
     from aifactory.exceptions import error_line
@@ -233,7 +234,7 @@ def _distill(home, registry, teacher_mv, spec: DistillSpec, version, *, handle, 
     manifest["metrics"] = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, WEIGHTS), map_location="cpu", weights_only=True)
-    student = load_state(GPT(job.model.gpt), state)
+    student = load_state(build_model(job.model.gpt), state)
     _, teacher_model = load_registered(registry, teacher_mv.ref)
     if batches is None:
         batches = validation_batches(version, spec=spec.eval)

@@ -66,7 +66,8 @@ def load_registered(registry, ref: str):
     """``(ModelVersion, model)`` for ``ref``, signature and digest verified, with its variant's structure."""
     import torch
 
-    from aifactory.optimize.quantize import build_model, load_state
+    from aifactory.models.build import build_model
+    from aifactory.models.quantized import load_state
 
     mv = registry.verify(registry.get(*parse_ref(ref)))
     model = build_model(mv.model_config, mv.manifest.get("variant"))
@@ -168,11 +169,11 @@ def register_variant(registry, name: str, model, *, manifest: dict[str, Any], re
     """
     import torch
 
-    from aifactory.optimize.quantize import _quiet_deprecations
+    from aifactory.models.quantized import quiet_deprecations
 
     with tempfile.TemporaryDirectory(prefix="aif-variant-") as tmp:
         path = os.path.join(tmp, "weights.pt")
-        with _quiet_deprecations():
+        with quiet_deprecations():
             torch.save(model.state_dict(), path)
         cfg = model.config.model_dump(mode="json")
         mv = registry.register(name, weights_path=path, model_config=cfg, manifest=manifest, servable=result.passed)

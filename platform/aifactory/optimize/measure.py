@@ -95,27 +95,3 @@ def _num_params(cfg: dict[str, Any]) -> int:
     from aifactory.models.gpt import GPTConfig
 
     return GPTConfig.model_validate(cfg).num_params()
-
-
-def plot(rows: list[dict[str, Any]], path: str, *, title: str) -> None:
-    """Four panels (throughput, p99 latency, weights, cost per 1k requests), quality delta in the labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['variant']}\nΔloss {r['quality_delta']:+.3f}" if r.get("quality_delta") is not None else r["variant"]
-              for r in rows]
-    panels = [("throughput_rps", "throughput (req/s)", 1), ("p99_latency_s", "p99 latency (ms)", 1e3),
-              ("weights_bytes", "weights (MB)", 1e-6), ("cost_per_1k_requests_usd", "cost per 1k requests (USD)", 1)]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    for ax, (key, name, scale) in zip(axes, panels):
-        vals = [(r.get(key) or 0) * scale for r in rows]
-        bars = ax.bar(labels, vals, color=["#555", "#2a7", "#27a", "#a72"][: len(rows)])
-        ax.set_title(name)
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

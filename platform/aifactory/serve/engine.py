@@ -47,7 +47,8 @@ def load_version(registry_location: str, name: str, version: str | None) -> Load
     from aifactory.home import filesystem
     from aifactory.exceptions import VariantRejected
     from aifactory.models.gpt import GPTConfig
-    from aifactory.optimize.quantize import build_model, load_state
+    from aifactory.models.build import build_model
+    from aifactory.models.quantized import load_state
     from aifactory.registry import ModelRegistry
 
     t0 = time.monotonic()
@@ -66,7 +67,7 @@ def load_version(registry_location: str, name: str, version: str | None) -> Load
     variant = mv.manifest.get("variant")
     if variant and not mv.servable:
         raise VariantRejected(mv.ref, (variant.get("gate") or {}).get("reason", "it is not servable"))
-    # A quantized variant's state dict only loads into the quantized module structure (aifactory.optimize).
+    # A quantized variant's state dict only loads into the quantized module structure (aifactory.models.build).
     model = build_model(mv.model_config, variant)
     load_state(model, torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
     return LoadedModel(mv.name, mv.version, mv.sha256, model, cfg.seq_len, time.monotonic() - t0)

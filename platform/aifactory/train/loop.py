@@ -66,7 +66,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from aifactory.home import FactoryHome
     from aifactory.train import checkpoint as ckpt
     from aifactory.train.metrics import RayTrainMetrics, TrainingPeakMemory, mfu, peak_flops
-    from aifactory.train.parallel import autocast_context, build_model, current_device, pin_cpu_malloc_threshold
+    from aifactory.models.build import build_sharded
+    from aifactory.train.parallel import autocast_context, current_device, pin_cpu_malloc_threshold
 
     payload = WorkerPayload.model_validate(config)  # validate again on this side of the boundary
     job = payload.job
@@ -84,7 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     memory = TrainingPeakMemory(dev.device.type)
     memory.baseline()  # before the model exists: "above baseline" is what the model and its training add
     # Built on the meta device and initialised shard by shard: no rank materialises the full fp32 model.
-    model = build_model(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device, seed=job.seed)
+    model = build_sharded(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device, seed=job.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cfg = job.optimizer
     optimizer = torch.optim.AdamW(

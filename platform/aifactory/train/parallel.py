@@ -1,11 +1,9 @@
-"""Device, process-group backend, sharding and precision: the same code on CPU (gloo) and GPU (NCCL).
+"""Device, process-group backend and precision context: the same code on CPU (gloo) and GPU (NCCL).
 
-- ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block and then on the
-  root, so each block's parameters are gathered just in time and freed after use. With ``bf16-mixed`` the
-  :class:`MixedPrecisionPolicy` casts parameters to bf16 for compute and reduces gradients in fp32; the
-  sharded parameters the optimizer updates stay fp32 (master weights).
-- ``ddp``: ``DistributedDataParallel`` with a full fp32 replica per worker; ``bf16-mixed`` then runs the
-  forward under ``torch.autocast(bf16)`` (weights and gradients stay fp32).
+The sharded model itself (FSDP2 per block and on the root, or DDP) is built in
+:mod:`aifactory.models.build` (``build_sharded``, ``shard_model``). Here: which device and backend a worker
+uses, and the forward's autocast for ``ddp`` + ``bf16-mixed`` (weights and gradients stay fp32), which FSDP2's
+``MixedPrecisionPolicy`` does not need.
 """
 
 from __future__ import annotations
@@ -67,49 +65,6 @@ def pin_cpu_malloc_threshold(threshold_bytes: int = 128 << 10) -> bool:
         return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
     except (OSError, AttributeError):
         return False
-
-
-def build_model(config, *, sharding: str, precision: str, device: torch.device, seed: int) -> nn.Module:
-    """A :class:`~aifactory.models.gpt.GPT` for training, wrapped by :func:`shard_model`, its weights from ``seed``.
-
-    The model is built on the meta device (no memory), sharded, then materialised with ``to_empty`` and
-    initialised by :meth:`GPT.init_weights`: under FSDP2 no rank ever holds the full fp32 model, only its
-    shard plus one full parameter at a time. DDP and FSDP runs with the same seed start from identical
-    weights. Requires an initialised process group.
-    """
-    from aifactory.models.gpt import GPT
-
-    with torch.device("meta"):
-        model = GPT(config)
-    fsdp = sharding == "fsdp"
-    if fsdp:  # shard first, so that materialising allocates only this rank's shards
-        model = shard_model(model, sharding=sharding, precision=precision, device=device)
-    model.to_empty(device=device)
-    model.init_weights(seed=seed)
-    return model if fsdp else shard_model(model, sharding=sharding, precision=precision, device=device)
-
-
-def shard_model(model: nn.Module, *, sharding: str, precision: str, device: torch.device) -> nn.Module:
-    """Wrap ``model`` for data-parallel training. Requires an initialised process group.
-
-    A model on the meta device stays there (FSDP2 shards meta parameters; see :func:`build_model`)."""
-    if not any(p.is_meta for p in model.parameters()):
-        model = model.to(device)
-    if sharding == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        kwargs = {}
-        if precision == "bf16-mixed":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
-        return model
-    if sharding == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    raise ValueError(f"unknown sharding {sharding!r}; expected 'fsdp' or 'ddp'")
 
 
 def autocast_context(*, sharding: str, precision: str, device: torch.device):
