@@ -9,13 +9,13 @@ import torch
 
 from aifactory.exceptions import ConfigError, VariantRejected
 from aifactory.home import FactoryHome
+from aifactory.models.build import build_model
 from aifactory.models.gpt import GPT, GPTConfig
+from aifactory.models.quantized import Fp8WeightLinear, load_state, quantize_model
 from aifactory.optimize.config import EvalSpec, QuantizeSpec, VariantGate
 from aifactory.optimize.gate import check_gate, eval_loss, parse_ref
 from aifactory.optimize.lineage import variant_tree
-from aifactory.optimize.quantize import (
-    Fp8WeightLinear, build_model, load_state, quantize_model, resolve_method, run_quantize,
-)
+from aifactory.optimize.quantize import resolve_method, run_quantize
 from aifactory.registry import ModelRegistry
 from aifactory.tenancy import TenantRef
 
