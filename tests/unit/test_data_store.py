@@ -306,3 +306,24 @@ def test_remote_store_uri_and_staging_cache(tmp_path, corpus, monkeypatch):
     with pytest.raises(ContractViolation, match=r"validation/part-00000.parquet: contract rule 'shard.checksum'"):
         stage_locally(v, "validation", cache)
     assert not any(cache.rglob("validation/*.parquet"))
+
+
+def test_ingest_goes_through_the_front_door(home, corpus):
+    """Admitted against the tenant's quota by what it declares (packing tasks x 0.5 CPU), recorded as an
+    ingest run; refused before anything is written when it does not fit."""
+    from aifactory.cost.budgets import BudgetsConfig, save_budgets
+    from aifactory.cost.ledger import Ledger
+    from aifactory.exceptions import QuotaExceeded
+    from aifactory.workloads import list_records
+
+    assert cfg(corpus).resources().cpu == 2.0  # 4 tasks x 0.5 CPU by default
+    save_budgets(home, BudgetsConfig.model_validate({"tenants": {"search": {"quota": {"cpu": 1}}}}))
+    Ledger.of(home).set_live("c1", {("search", "cpu"): 0.0})  # a fresh meter that sees nothing held
+    before = snapshot(home.root / "datasets") if (home.root / "datasets").exists() else {}
+    with pytest.raises(QuotaExceeded, match="resource='CPU', requested=2"):
+        run(home, cfg(corpus))
+    after = snapshot(home.root / "datasets") if (home.root / "datasets").exists() else {}
+    assert after == before and DatasetStore(home).list() == []
+    result = run(home, cfg(corpus, max_tasks=2))  # 1 CPU fits
+    (rec,) = [r for r in list_records(home) if r.workload.kind.value == "ingest"]
+    assert rec.status == "succeeded" and rec.refs["dataset_version"] == result.version

@@ -17,6 +17,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".toml", ".cfg", ".ini",
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git", "node_modules"}
 
 
+PACK_TASK_CPUS = 0.5
+
+
 class IngestConfig(StrictModel):
     source: str | None = Field(default=None, description="Directory (path or URI) of text files; default: Python's stdlib source tree.")
     seq_len: int = Field(default=256, ge=8, le=65536, description="Tokens per packed row.")
@@ -50,6 +54,15 @@ class IngestConfig(StrictModel):
     suffixes: list[str] = Field(default_factory=lambda: list(TEXT_SUFFIXES), description="File suffixes that count as text.")
     drift: DriftBounds = Field(default_factory=DriftBounds, description="Allowed drift against the parent version.")
     allow_drift: bool = Field(default=False, description="Publish even if drift bounds against the parent are broken.")
+    max_tasks: int = Field(default=4, ge=1, le=256, description="Packing tasks at once (each holds 0.5 CPU): what the "
+                                                                "ingest holds, and what admission counts.")
+
+    def resources(self):
+        """What the ingest holds at once: ``max_tasks`` packing tasks of 0.5 CPU (the driver's own reads and
+        checksums run in its threads)."""
+        from aifactory.workloads.spec import Resources
+
+        return Resources.per_unit(self.max_tasks, cpu=PACK_TASK_CPUS)
 
     def params(self) -> dict[str, Any]:
         """The parameters that shape the output (and so enter the version id)."""
@@ -191,8 +204,10 @@ def _pack_batch(batch, *, seq_len: int):
     return pack_table([str(t) for t in batch["text"].to_pylist()], seq_len)
 
 
-def ray_writer(docs_by_split: dict[str, list[Document]], *, fs, out: str, seq_len: int, rows_per_file: int) -> None:
-    """Tokenize and pack in parallel Ray Data tasks and write pre-sharded Parquet (zstd)."""
+def ray_writer(docs_by_split: dict[str, list[Document]], *, fs, out: str, seq_len: int, rows_per_file: int,
+               max_tasks: int | None = None) -> None:
+    """Tokenize and pack in parallel Ray Data tasks (at most ``max_tasks`` at once, as the ingest declared)
+    and write pre-sharded Parquet (zstd)."""
     import ray
     import ray.data
 
@@ -207,7 +222,8 @@ def ray_writer(docs_by_split: dict[str, list[Document]], *, fs, out: str, seq_le
             blocks = max(1, min(len(docs), 2 * num_cpus))
             ds = ray.data.from_items([{"text": d.text} for d in docs], override_num_blocks=blocks)
             ds = ds.map_batches(_pack_batch, fn_kwargs={"seq_len": seq_len}, batch_format="pyarrow",
-                                batch_size=max(1, -(-len(docs) // blocks)), num_cpus=0.5)
+                                batch_size=max(1, -(-len(docs) // blocks)), num_cpus=PACK_TASK_CPUS,
+                                concurrency=max_tasks)
             ds.write_parquet(join(out, split), filesystem=fs, min_rows_per_file=rows_per_file,
                              max_rows_per_file=rows_per_file, compression="zstd")
     finally:
@@ -275,11 +291,23 @@ def ingest(
         log(f"ingest: {version} already published (cache hit): nothing to do")
         return IngestResult(store.get(version), cache_hit=True, seconds=time.monotonic() - t0)
 
+    from aifactory.tenancy import WorkloadKind
+    from aifactory.workloads import Workload, launch
+
+    workload = Workload(kind=WorkloadKind.INGEST, tenant=tenant, name=str(location)[-200:], resources=cfg.resources())
+    write = writer or partial(ray_writer, max_tasks=cfg.max_tasks)
+    return launch(workload, home=home, run=lambda handle: _publish(
+        home, cfg, store=store, plan=plan, version=version, tok=tok, tenant=tenant, writer=write, log=log, t0=t0,
+        handle=handle))
+
+
+def _publish(home, cfg, *, store, plan, version, tok, tenant, writer, log, t0, handle) -> IngestResult:
+    handle.ref("dataset_version", version)
     by_split = split_documents(plan.documents, cfg)
     parent = find_parent(store, plan, cfg)
     with store.publishing(version) as pending:
         log(f"ingest: packing {', '.join(f'{len(d)} {s} docs' for s, d in by_split.items())} into rows of {cfg.seq_len}")
-        (writer or ray_writer)(by_split, fs=store.fs, out=pending.path, seq_len=cfg.seq_len, rows_per_file=rows_per_shard(cfg))
+        writer(by_split, fs=store.fs, out=pending.path, seq_len=cfg.seq_len, rows_per_file=rows_per_shard(cfg))
         rels = {s: _normalise_names(pending, s) for s in SPLITS}
         log(f"ingest: wrote {sum(map(len, rels.values()))} shards in {time.monotonic() - t0:.1f}s; checksumming")
         stats = _all_stats(pending.uri, rels, tok.vocab_size)
