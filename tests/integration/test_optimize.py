@@ -84,7 +84,8 @@ def test_quantize_register_serve_answer(teacher, serve_port):
             body = r.json()
             assert body["system_fingerprint"] == f"{MODEL}:{version}"
             assert body["usage"]["completion_tokens"] >= 1 and isinstance(body["choices"][0]["text"], str)
-        status = httpx.get(f"http://127.0.0.1:{serve_port}/optimize/v1/status", timeout=30).json()
+        status = httpx.get(f"http://127.0.0.1:{serve_port}/optimize/v1/status", headers={"X-Tenant": "itest"},
+                           timeout=30).json()
         assert status["deployments"]["Canary"]["version"] == mv.version
     finally:
         serve.delete("optimize")

@@ -240,7 +240,8 @@ def test_semantic_cache_paraphrase_hits_per_tenant_and_per_version(completions, 
         return r.json()
 
     def ratio() -> float:
-        return httpx.get(f"{completions}/v1/status", timeout=30).json()["semantic_cache"]["hit_ratio"]
+        return httpx.get(f"{completions}/v1/status", headers={"X-Tenant": "sem-a"},  # scoped to the caller
+                         timeout=30).json()["semantic_cache"]["hit_ratio"]
 
     first = ask("How do I sort a list in Python?", "sem-a")
     assert not first["system_fingerprint"].endswith("-cache")
@@ -444,7 +445,7 @@ def test_tampered_artifact_is_refused_and_previous_keeps_serving(completions, re
         deploy.canary(rest, "completions", model_name=MODEL, version=v3.version, percent=10, registry=reg)
     # Past the CLI's check (someone edits user_config directly): the replica refuses too and keeps serving.
     deploy.update_deployments(rest, "completions", {"Canary": {"model_version": v3.version}})
-    status = httpx.get(f"{completions}/v1/status", timeout=30).json()
+    status = httpx.get(f"{completions}/v1/status", headers={"X-Tenant": "itest"}, timeout=30).json()
     assert "integrity check failed" in status["deployments"]["Canary"]["last_error"]
     assert status["deployments"]["Canary"]["version"] != v3.version
     assert deploy.rollout_state(rest, "completions") == before

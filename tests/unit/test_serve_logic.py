@@ -127,16 +127,19 @@ def test_prefix_cache_longest_block_prefix_and_version():
     toks = list(range(11))
     assert c.candidate_lengths(11) == [8, 4]
     assert c.candidate_lengths(8) == [4]  # the last token is always recomputed
-    c.put("v1", toks[:4], "s4")
-    c.put("v1", toks[:8], "s8")
-    assert c.lookup("v1", toks) == (8, "s8")
-    assert c.lookup("v1", toks[:8] + [99]) == (8, "s8")
-    assert c.lookup("v1", toks[:6]) == (4, "s4")
-    assert c.lookup("v2", toks) is None
-    assert c.lookup("v1", [7] * 11) is None
+    c.put("v1", toks[:4], "s4", tenant="a")
+    c.put("v1", toks[:8], "s8", tenant="a")
+    assert c.lookup("v1", toks, tenant="a") == (8, "s8")
+    assert c.lookup("v1", toks[:8] + [99], tenant="a") == (8, "s8")
+    assert c.lookup("v1", toks[:6], tenant="a") == (4, "s4")
+    assert c.lookup("v2", toks, tenant="a") is None
+    assert c.lookup("v1", [7] * 11, tenant="a") is None
+    assert c.lookup("v1", toks, tenant="b") is None  # another tenant never hits a's prefixes
+    assert c.stats.hits.get("b", 0) == 0 and c.stats.lookups["b"] == 1
+    assert ("a", "v1", toks[:4]) in c and ("b", "v1", toks[:4]) not in c
     for i in range(3):
-        c.put("v1", [100 + i] * 4, i)
-    assert len(c) == 3 and ("v1", toks[:4]) not in c
+        c.put("v1", [100 + i] * 4, i, tenant="a")
+    assert len(c) == 3 and ("a", "v1", toks[:4]) not in c
 
 
 # ---- admission ----------------------------------------------------------------------------------

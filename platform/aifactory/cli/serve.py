@@ -9,6 +9,7 @@ configured (``AIFACTORY_API_URL``/``AIFACTORY_API_KEY``, a tenant's setup) the v
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from aifactory.cli import _remote
 from aifactory.cli._common import add_address, add_tenant, home_of, tenant_of
@@ -37,9 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_format(s)
     s.set_defaults(func=_status)
 
-    x = verbs.add_parser("shutdown", help="remove an application (or all of them with --all)")
+    x = verbs.add_parser("shutdown", help="remove an application (or all the operators' ones with --all)")
     x.add_argument("app", nargs="?", default="completions")
-    x.add_argument("--all", action="store_true", help="remove every Serve application")
+    x.add_argument("--all", action="store_true",
+                   help="remove every operators' application (tenants' apps, the control API and Serve stay)")
     add_address(x)
     x.set_defaults(func=_shutdown)
 
@@ -83,7 +85,8 @@ def _cluster(args):
     address = resolve_address(home, args.address)
     if address is None:
         raise ClusterUnreachable("127.0.0.1:8265", "no `factory up` cluster and no --address")
-    return home, address, ServeREST(address.dashboard_url, auth_headers(ray_env(home)))
+    return home, address, ServeREST(address.dashboard_url, auth_headers(ray_env(home)),
+                                    lock_dir=home.root / "serve" / "locks")
 
 
 def _deploy(args) -> int:
@@ -143,8 +146,9 @@ def _shutdown(args) -> int:
         return _remote.serve_shutdown(args)
     _, rest = _rest(args)
     if args.all:
-        rest.delete_all()
-        progress("all Serve applications deleted")
+        # A shared cluster stays shared: tenants' apps (<tenant>.<name>) and imperative ones keep running.
+        gone = deploy.delete_apps(rest, lambda name: "." not in name)
+        progress(f"deleted {len(gone)} operators' Serve application(s): {', '.join(gone) or 'none'}")
         return 0
     found = deploy.delete_app(rest, args.app)
     progress(f"{args.app}: {'deleted' if found else 'not deployed'}")
@@ -161,15 +165,30 @@ def _model_of(rest, app: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _driver(home, address):
+    """This process as a Ray driver of the cluster for the duration of one command."""
+    import ray
+
+    from aifactory.cluster.connect import init_ray
+
+    init_ray(home, address=address, logging_level="ERROR")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def _canary(args) -> int:
     from aifactory.registry import ModelRegistry
     from aifactory.serve import deploy
 
     if _remote.via_api(args):
         return _remote.serve_rollout(args, "canary")
-    home, rest = _rest(args)
-    state = deploy.canary(rest, args.app, model_name=_model_of(rest, args.app), version=args.version,
-                          percent=args.percent, registry=ModelRegistry(home))
+    home, address, rest = _cluster(args)
+    with _driver(home, address):  # the rollout step asks the ingress through a Serve handle
+        state = deploy.canary(rest, args.app, model_name=_model_of(rest, args.app), version=args.version,
+                              percent=args.percent, registry=ModelRegistry(home))
     _audit(home, "serve.canary", args.app, None, {"version": args.version, "percent": args.percent})
     emit_obj(state.model_dump(), args.format)
     return 0
@@ -181,8 +200,9 @@ def _promote(args) -> int:
 
     if _remote.via_api(args):
         return _remote.serve_rollout(args, "promote")
-    home, rest = _rest(args)
-    state = deploy.promote(rest, args.app, registry=ModelRegistry(home), model_name=_model_of(rest, args.app))
+    home, address, rest = _cluster(args)
+    with _driver(home, address):  # the rollout step asks the ingress through a Serve handle
+        state = deploy.promote(rest, args.app, registry=ModelRegistry(home), model_name=_model_of(rest, args.app))
     _audit(home, "serve.promote", args.app, None, {"stable_version": state.stable_version})
     emit_obj(state.model_dump(), args.format)
     return 0

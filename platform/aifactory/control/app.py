@@ -10,6 +10,11 @@ Rules every route follows:
   tenant answers 404, exactly like something that does not exist, so that existence does not leak.
 - Errors are JSON ``{"error": {"code", "message", "fields"}}``; a user's mistake is a 4xx naming the field;
   only the server's own faults are 5xx.
+- Input is bounded before any route runs (:mod:`aifactory.control.guard`): names match strict patterns
+  (400), bodies are at most 1 MiB (413) of JSON at most 32 deep without NUL or lone surrogates (400), and
+  each API key has a request rate (429 with ``Retry-After``), as do failed authentications per address.
+- Serve changes that collide with another change of the same application in progress answer 409
+  (``conflict``), nothing of them applied (:mod:`aifactory.serve.deploy`'s one writer).
 """
 
 from __future__ import annotations
@@ -43,10 +48,16 @@ class ControlState:
 
     home: FactoryHome
     address: str | None = None
+    rate: tuple[float, int] = (20.0, 60)  # requests/s and burst per API key
+    auth_failure_rate: tuple[float, int] = (20.0, 200)  # failed authentications/s and burst per client address
     keys: KeyStore = field(init=False)
 
     def __post_init__(self) -> None:
+        from aifactory.control.guard import KeyRateLimiter
+
         self.keys = KeyStore(self.home)
+        self.limiter = KeyRateLimiter(*self.rate)
+        self.auth_failures = KeyRateLimiter(*self.auth_failure_rate)
 
     def jobs(self, principal: Principal, tenant: str | None = None, project: str = "default"):
         """A jobs client acting for ``principal`` (and ``tenant`` when it submits), holding the cluster token."""
@@ -65,9 +76,18 @@ def authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise AuthenticationError("missing API key: send `Authorization: Bearer <key>`")
-    return state_of(request).keys.authenticate(credentials.credentials)
+    state = state_of(request)
+    client = request.client.host if request.client else "unknown"
+    try:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise AuthenticationError("missing API key: send `Authorization: Bearer <key>`")
+        principal = state.keys.authenticate(credentials.credentials)
+    except AuthenticationError:
+        # Guessing keys costs time: failed attempts are limited per client address.
+        state.auth_failures.check(f"addr:{client}", f"address {client} (failed authentications)")
+        raise
+    state.limiter.check(principal.key_id, f"API key {principal.key_id}")
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
@@ -120,6 +140,18 @@ def _error(status: int, code: str, message: str, fields: list[str] | None = None
 
 
 def _factory_error(request: Request, err: FactoryError) -> JSONResponse:
+    from aifactory.control.guard import InvalidInput, RateLimited
+    from aifactory.serve.deploy import ChangeConflict
+
+    if isinstance(err, InvalidInput):
+        return _error(err.status, "payload_too_large" if err.status == 413 else "invalid_request", str(err),
+                      [err.field])
+    if isinstance(err, RateLimited):
+        import math
+
+        return _error(429, "rate_limited", str(err), headers={"Retry-After": str(max(1, math.ceil(err.retry_after_s)))})
+    if isinstance(err, ChangeConflict):
+        return _error(409, "conflict", str(err), ["app"])
     for cls, status, code in _STATUS:
         if isinstance(err, cls):
             break
@@ -160,12 +192,20 @@ def _unexpected(request: Request, err: Exception) -> JSONResponse:
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": "ErrorBody", "description": "No, unknown or revoked API key."},
     404: {"model": "ErrorBody", "description": "Not found (or another tenant's)."},
+    400: {"model": "ErrorBody", "description": "Invalid name, or a body nested too deep or carrying NUL or "
+          "invalid Unicode; `fields` names the field."},
+    413: {"model": "ErrorBody", "description": "Request body over the limit (1 MiB)."},
     422: {"model": "ErrorBody", "description": "Invalid request; `fields` names the fields at fault."},
+    429: {"model": "ErrorBody", "description": "Over the API key's request rate; see `Retry-After`."},
 }
 
 
-def create_app(home: FactoryHome | None = None, *, address: str | None = None) -> FastAPI:
-    """The control API for ``home`` (default: ``AIFACTORY_HOME``) and the cluster at ``address``."""
+def create_app(home: FactoryHome | None = None, *, address: str | None = None,
+               rate: tuple[float, int] = (20.0, 60), max_body_bytes: int | None = None) -> FastAPI:
+    """The control API for ``home`` (default: ``AIFACTORY_HOME``) and the cluster at ``address``; ``rate``:
+    requests/s and burst per API key; ``max_body_bytes``: the largest request body (default 1 MiB)."""
+    from aifactory.control.guard import MAX_BODY_BYTES, InputGuard
+
     from aifactory.control import routes_admin, routes_jobs, routes_serve
     from aifactory.control.schemas import ErrorBody
 
@@ -178,7 +218,8 @@ def create_app(home: FactoryHome | None = None, *, address: str | None = None) -
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.control = ControlState(home=home or FactoryHome.from_env(), address=address)
+    app.state.control = ControlState(home=home or FactoryHome.from_env(), address=address, rate=rate)
+    app.add_middleware(InputGuard, max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
     app.add_exception_handler(FactoryError, _factory_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from aifactory import audit
 from aifactory.control.app import AdminPrincipal, CurrentPrincipal, not_visible, scope_tenant, state_of
@@ -115,10 +115,13 @@ if TenantLimits is not None:
     @router.get("/costs", tags=["costs"], summary="Cost of your tenant's work (admins: all, or ?tenant=)")
     def costs(
         request: Request,
+        response: Response,
         principal: CurrentPrincipal,
         by: Annotated[CostGrouping, Query(description="Group rows by this.")] = "tenant",
         since: SinceQuery = None,
         tenant: TenantQuery = None,
+        limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many rows (the costliest "
+                                    "first when cut); `X-Total-Count` says how many there are.")] = 1000,
     ) -> list[dict]:
         from aifactory.cost.kpis import cost_rows
         from aifactory.cost.ledger import Ledger
@@ -130,6 +133,9 @@ if TenantLimits is not None:
         rows = cost_rows(records, load_price_book(home=home), by=by)
         if not principal.is_admin:
             rows = [r for r in rows if r.get("tenant") == principal.tenant]
+        response.headers["X-Total-Count"] = str(len(rows))
+        if len(rows) > limit:
+            rows = sorted(rows, key=lambda r: -(r.get("cost_usd") or 0.0))[:limit]
         return rows
 
     @router.get("/budgets", tags=["costs"], summary="Budget state of your tenant (admins: all)")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from aifactory.control.app import CurrentPrincipal, not_visible, scope_tenant, state_of
+from aifactory.control.guard import check_name
 from aifactory.control.schemas import JobLogs, JobStopped, JobSubmit, JobSubmitted
 from aifactory.exceptions import ConfigError, JobNotFound, PermissionDenied
 from aifactory.jobs.client import Client, JobRecord
@@ -24,8 +25,7 @@ JobId = Annotated[str, "a job's submission id"]
 
 def _visible_job(request: Request, principal: Principal, job_id: str) -> tuple[Client, JobRecord]:
     """A client and the job if the caller may see it; 404 alike for unknown and for another tenant's job."""
-    if not job_id or len(job_id) > 200:
-        raise not_visible("job", job_id[:200])
+    check_name("job_id", job_id)  # 400 naming `job_id` for a NUL, a slash, '..' or 200 characters
     client = state_of(request).jobs(principal)
     try:
         record = client.get(job_id)
@@ -64,11 +64,15 @@ def submit_job(body: JobSubmit, request: Request, principal: CurrentPrincipal) -
 def list_jobs(
     request: Request,
     principal: CurrentPrincipal,
+    response: Response,
     tenant: Annotated[str | None, Query(max_length=63, description="Admins: only this tenant's jobs.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many (the newest); "
+                                "`X-Total-Count` says how many there are.")] = 1000,
 ) -> list[JobRecord]:
     scope = scope_tenant(principal, tenant)
     records = state_of(request).jobs(principal).list(tenant=scope)
-    return records
+    response.headers["X-Total-Count"] = str(len(records))
+    return sorted(records, key=lambda r: r.start_time or 0, reverse=True)[:limit]
 
 
 @router.get("/jobs/{job_id}", response_model=JobRecord, summary="One job")
@@ -76,10 +80,16 @@ def get_job(job_id: JobId, request: Request, principal: CurrentPrincipal) -> Job
     return _visible_job(request, principal, job_id)[1]
 
 
-@router.get("/jobs/{job_id}/logs", response_model=JobLogs, summary="A job's logs")
-def job_logs(job_id: JobId, request: Request, principal: CurrentPrincipal) -> JobLogs:
+@router.get("/jobs/{job_id}/logs", response_model=JobLogs, summary="A job's logs (the last `tail_bytes`)")
+def job_logs(job_id: JobId, request: Request, principal: CurrentPrincipal,
+             tail_bytes: Annotated[int, Query(ge=1, le=4 << 20, description="At most this many bytes of the "
+                                              "log's end (default 256 KiB, at most 4 MiB).")] = 256 << 10,
+             ) -> JobLogs:
     client, record = _visible_job(request, principal, job_id)
-    return JobLogs(id=record.id, logs=client.logs(record.id))
+    logs = client.logs(record.id)
+    data = logs.encode("utf-8", "replace")
+    tail = data[-tail_bytes:].decode("utf-8", "ignore")  # whole characters only
+    return JobLogs(id=record.id, logs=tail, total_bytes=len(data), truncated=len(data) > tail_bytes)
 
 
 @router.post("/jobs/{job_id}/stop", response_model=JobStopped, summary="Stop a job")

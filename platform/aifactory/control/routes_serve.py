@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from aifactory import audit
 from aifactory.config import StrictModel
 from aifactory.control.app import CurrentPrincipal, not_visible, state_of
+from aifactory.control.guard import check_name
 from aifactory.exceptions import ClusterUnreachable, ConfigError, NotFound, PermissionDenied
 from aifactory.security.apikeys import Principal
 from aifactory.tenancy import Name, TenantName, TenantRef
@@ -32,13 +33,15 @@ AppName = Annotated[str, Path(min_length=1, max_length=128, description="Applica
 
 class ServeDeployBody(StrictModel):
     name: Name = Field(description="Application name within your tenant (a DNS label).")
-    model_name: str = Field(min_length=1, max_length=128, description="A registered model of your tenant.")
-    model_version: str | None = Field(default=None, max_length=32, description="Version; null = newest servable.")
+    # Names are checked in the route (400 naming the field), not here (pydantic's 422).
+    model_name: str = Field(description="A registered model of your tenant (lowercase, digits, '.', '_', '-'; "
+                            "1-128 characters).")
+    model_version: str | None = Field(default=None, description="Version (v<N>); null = newest servable.")
     tenant: TenantName | None = Field(default=None, description="Admins only: the tenant that owns the app.")
 
 
 class CanaryBody(StrictModel):
-    model_version: str = Field(min_length=1, max_length=32, description="The version to send canary traffic to.")
+    model_version: str = Field(description="The version to send canary traffic to (v<N>).")
     percent: float = Field(ge=0, le=100, description="Share of traffic for the canary.")
 
 
@@ -63,10 +66,13 @@ def _rest(request: Request):
     address = resolve_address(state.home, state.address)
     if address is None:
         raise ClusterUnreachable("(no address)", "the control API found no cluster")
-    return ServeREST(address.dashboard_url, auth_headers(ray_env(state.home)))
+    # Every replica of the control API, the CLI and `factory run` share the one writer's locks under the home.
+    return ServeREST(address.dashboard_url, auth_headers(ray_env(state.home)),
+                     lock_dir=state.home.root / "serve" / "locks")
 
 
 def _visible_app(principal: Principal, app: str) -> str:
+    check_name("app", app)  # 400 naming `app` before anything looks it up
     if not principal.can_see(owner_of(app)):
         raise not_visible("Serve application", app)
     return app
@@ -76,13 +82,12 @@ def _tenant_model(request: Request, tenant: str, model_name: str, version: str |
     """A verified model version registered for ``tenant`` (404 alike if absent or another tenant's)."""
     from aifactory.registry import ModelRegistry
 
-    registry = ModelRegistry(state_of(request).home)
+    # The tenant's own namespace: another tenant's versions of the same name are not there to find.
+    registry = ModelRegistry(state_of(request).home, tenant=tenant)
     try:
         mv = registry.get(model_name, version)
-    except NotFound:
+    except (NotFound, ConfigError):
         raise not_visible("model version", f"{model_name}:{version or 'latest'}") from None
-    if (mv.manifest or {}).get("tenant") != tenant:
-        raise not_visible("model version", f"{model_name}:{version or 'latest'}")
     return registry, registry.verify(mv)  # IntegrityError (409) for a tampered manifest or weights
 
 
@@ -115,11 +120,13 @@ def deploy_app(body: ServeDeployBody, request: Request, principal: CurrentPrinci
     else:
         tenant = principal.tenant
     home = state_of(request).home
+    check_name("model_name", body.model_name)
+    check_name("model_version", body.model_version)
     _, mv = _tenant_model(request, tenant, body.model_name, body.model_version)
     app, route = f"{tenant}.{body.name}", f"/t/{tenant}/{body.name}"
     # A tenant's app answers only that tenant's factory API keys: Serve's HTTP port is reachable without the
     # control API, so the app itself must not take an X-Tenant header's word or serve another tenant.
-    args = CompletionsArgs(model_name=mv.name, model_version=mv.version, home=str(home.root),
+    args = CompletionsArgs(model_name=mv.qualified_name, model_version=mv.version, home=str(home.root),
                            auth="factory-keys", tenants=[tenant])
     status = launch_app(_rest(request), completions_entry(args, name=app, route_prefix=route), args, home=home,
                         tenant=TenantRef(tenant=tenant), actor=principal.actor)
@@ -143,6 +150,7 @@ def canary(app: AppName, body: CanaryBody, request: Request, principal: CurrentP
     from aifactory.serve import deploy as sd
 
     _visible_app(principal, app)
+    check_name("model_version", body.model_version)
     rest = _rest(request)
     model_name = _model_name(rest, app)
     if owner_of(app) is not None:  # a tenant's app takes only that tenant's verified models
@@ -229,6 +237,7 @@ async def cache_info(app: AppName, request: Request, principal: CurrentPrincipal
 
     from ray import serve
 
+    check_name("app", app)
     scope = _cache_scope(principal, app, tenant)
     await asyncio.to_thread(_ingress_of, request, app)  # a blocking REST call: off the event loop
     info = await asyncio.wait_for(serve.get_app_handle(app).cache_info.remote(scope), timeout=30)
@@ -239,6 +248,7 @@ async def cache_info(app: AppName, request: Request, principal: CurrentPrincipal
 def flush_cache(app: AppName, request: Request, principal: CurrentPrincipal, tenant: TenantName | None = None) -> dict:
     from aifactory.serve import deploy as sd
 
+    check_name("app", app)
     scope = _cache_scope(principal, app, tenant)
     token = sd.flush_caches(_rest(request), app, scope)  # NotFound (404) for an app without an ingress
     audit.record(state_of(request).home, actor=principal.actor, action="serve.cache_flush", target=app,

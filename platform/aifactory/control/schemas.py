@@ -56,7 +56,9 @@ class JobSubmitted(BaseModel):
 
 class JobLogs(BaseModel):
     id: str = Field(description="The job.")
-    logs: str = Field(description="The job's log so far.")
+    logs: str = Field(description="The job's log so far: its last `tail_bytes` bytes.")
+    total_bytes: int = Field(default=0, description="The whole log's size in bytes.")
+    truncated: bool = Field(default=False, description="True if `logs` holds only the end of the log.")
 
 
 class JobStopped(BaseModel):

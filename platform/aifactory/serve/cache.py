@@ -4,8 +4,10 @@
   ``(tenant, model version, request fields)``; TTL and LRU size bound.
 - :class:`SemanticCache`: answers of deterministic requests by prompt similarity (cosine of embeddings
   >= threshold), searched only among entries of the same tenant, model version and sampling fields.
-- :class:`PrefixCache`: model KV state of prompt prefixes (e.g. a shared system prompt), keyed by model
-  version and the prefix's token ids, so a later prompt with the same prefix skips recomputing it.
+- :class:`PrefixCache`: model KV state of prompt prefixes (e.g. a shared system prompt), keyed by tenant,
+  model version and the prefix's token ids, so a later prompt of the same tenant with the same prefix skips
+  recomputing it. Per tenant because a hit is observable (a faster first token, the hit counters): a cache
+  shared across tenants would let one tenant probe which prefixes another sent.
 
 Keys always include the model version, so a new version never serves an old answer; tenants never see
 each other's entries. Pure Python (numpy only in the semantic cache): unit-tested without Ray or torch.
@@ -161,7 +163,8 @@ class PrefixCache:
 
     Values are opaque (the engine stores its KV tensors); ``lookup`` returns ``(n_tokens, state)`` of the
     longest cached prefix of ``tokens`` that is strictly shorter than ``tokens`` (the last token is always
-    recomputed, since its logits start the generation).
+    recomputed, since its logits start the generation). Every entry belongs to one tenant: a lookup never
+    finds another tenant's prefix.
     """
 
     def __init__(self, *, max_entries: int, block_tokens: int):
@@ -175,9 +178,9 @@ class PrefixCache:
         top = (n_tokens - 1) // self.block_tokens * self.block_tokens
         return list(range(top, 0, -self.block_tokens))
 
-    def lookup(self, model_version: str, tokens: Sequence[int], *, tenant: str = "-") -> tuple[int, Any] | None:
+    def lookup(self, model_version: str, tokens: Sequence[int], *, tenant: str) -> tuple[int, Any] | None:
         for n in self.candidate_lengths(len(tokens)):
-            key = (model_version, tuple(tokens[:n]))
+            key = (tenant, model_version, tuple(tokens[:n]))
             if key in self._data:
                 self._data.move_to_end(key)
                 self.stats.record(tenant, True)
@@ -185,15 +188,16 @@ class PrefixCache:
         self.stats.record(tenant, False)
         return None
 
-    def put(self, model_version: str, tokens: Sequence[int], state: Any) -> None:
-        key = (model_version, tuple(tokens))
+    def put(self, model_version: str, tokens: Sequence[int], state: Any, *, tenant: str) -> None:
+        key = (tenant, model_version, tuple(tokens))
         self._data[key] = state
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
-    def __contains__(self, item: tuple[str, Sequence[int]]) -> bool:
-        return (item[0], tuple(item[1])) in self._data
+    def __contains__(self, item: tuple[str, str, Sequence[int]]) -> bool:
+        """``(tenant, model_version, tokens) in cache``."""
+        return (item[0], item[1], tuple(item[2])) in self._data
 
     def __len__(self) -> int:
         return len(self._data)

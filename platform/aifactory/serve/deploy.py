@@ -4,17 +4,39 @@ Everything goes through the dashboard's ``PUT /api/serve/applications/`` with th
 (the apps this call does not touch are sent back unchanged, since a PUT deletes declarative apps it does
 not list). Changes of ``user_config`` only (canary percentage, weights version, batch window) are applied
 by Serve in place, without restarting replicas, unlike ``serve.run`` (../shared/RAY-2.60-NOTES.md).
+
+**One writer.** Ray 2.60 has no per-application declarative API (the dashboard offers only the whole-config
+PUT and a per-deployment replica scale), so every change is a read-modify-write of the whole config. Two
+writers interleaving their GET and PUT would drop each other's change. So:
+
+- every read-modify-write runs under one exclusive lock (an ``flock`` on a file under the factory home,
+  shared by the CLI, the control API's replicas and ``factory run`` on the head), held only for the GET and
+  the PUT; the controller checkpoints a PUT's config before the PUT returns, so the next writer's GET sees it;
+- a change of one application that takes several steps (deploy and wait, canary: load then shift, promote,
+  rollback, delete) also holds that application's change lock for its whole duration; a second change of the
+  same application meanwhile is refused with :class:`ChangeConflict` (HTTP 409 through the control API),
+  naming the application and the change in progress, never queued behind it nor silently merged;
+- rollout steps compare-and-set: the rollout state they computed from is checked again under the writer's
+  lock before their PUT, so a writer that bypassed the locks (a raw ``serve deploy``) is detected (409);
+- a cache flush merges its token into the live ``user_config`` under the writer's lock, so it never needs
+  the application's change lock and takes effect beside a canary in progress.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from aifactory.exceptions import ClusterUnreachable, FactoryError, NotFound
+from aifactory.exceptions import ClusterUnreachable, ConfigError, FactoryError, NotFound
 from aifactory.serve.config import CompletionsArgs, EmbeddingsArgs
 from aifactory.serve.routing import RolloutState
 
@@ -27,15 +49,94 @@ class ServeDeployError(FactoryError):
     """Serve rejected a config or an application failed to reach RUNNING."""
 
 
-class ServeREST:
-    """A thin client of the dashboard's Serve endpoints, with the cluster's auth token."""
+class ChangeConflict(FactoryError):
+    """Another change of the same Serve application is in progress, or the state a change was computed from
+    moved under it (HTTP 409). Nothing of this change was applied."""
 
-    def __init__(self, dashboard_url: str, headers: dict[str, str] | None = None, *, timeout_s: float = 30.0):
+    def __init__(self, app: str, change: str, holder: str):
+        self.app, self.change, self.holder = app, change, holder
+        super().__init__(f"application {app!r}: {change} refused, {holder}; retry when it is done")
+
+    def __reduce__(self):
+        return (type(self), (self.app, self.change, self.holder))
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The apps that take a tenant from each request (their args have `auth`), as the library and the recipes name them.
+_TENANT_AWARE_APPS = (COMPLETIONS_IMPORT, EMBEDDINGS_IMPORT, "serve_apps.completions:app_builder",
+                      "serve_apps.embeddings:app_builder")
+
+
+def check_exposure(host: str | None, entry: dict) -> None:
+    """Refuse an app in ``auth: header`` mode where Serve listens beyond loopback.
+
+    In header mode a request's tenant is its ``X-Tenant`` header: anyone who reaches the port could name any
+    tenant (be billed as it, drain its rate limit, read its cache tags). That is acceptable only where the
+    port is reachable from this machine alone; elsewhere every app must use ``auth: factory-keys``."""
+    if (host or "127.0.0.1") in LOOPBACK_HOSTS or entry.get("import_path") not in _TENANT_AWARE_APPS:
+        return
+    if (entry.get("args") or {}).get("auth", "header") == "header":
+        raise ConfigError(f"Serve application {entry.get('name')!r}", [
+            f"auth: 'header' trusts the X-Tenant header and is allowed only where Serve listens on 127.0.0.1; "
+            f"Serve listens on {host}: set auth: factory-keys"])
+
+
+class ServeREST:
+    """A thin client of the dashboard's Serve endpoints, with the cluster's auth token and the writer's locks
+    (``lock_dir``: default ``<home>/serve/locks/<dashboard>``; every writer of one cluster must share it)."""
+
+    def __init__(self, dashboard_url: str, headers: dict[str, str] | None = None, *, timeout_s: float = 30.0,
+                 lock_dir: str | Path | None = None):
         from aifactory.cluster.connect import auth_headers
 
         self.url = dashboard_url.rstrip("/")
         self.headers = headers if headers is not None else auth_headers()
         self.timeout_s = timeout_s
+        if lock_dir is None:
+            from aifactory.home import FactoryHome
+
+            lock_dir = FactoryHome.from_env().root / "serve" / "locks"
+        self.lock_dir = Path(lock_dir) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+
+    def _lock_file(self, name: str) -> int:
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(self.lock_dir / name, os.O_RDWR | os.O_CREAT, 0o600)
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[None]:
+        """The one writer of the cluster's Serve config: hold it for a GET-modify-PUT, nothing longer."""
+        fd = self._lock_file("config.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    @contextlib.contextmanager
+    def changing(self, app: str, change: str) -> Iterator[None]:
+        """Hold ``app``'s change lock for a multi-step change; :class:`ChangeConflict` if another one holds it."""
+        fd = self._lock_file("app-" + hashlib.sha256(app.encode()).hexdigest()[:24] + ".lock")
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another change"
+                raise ChangeConflict(app, change, f"{holder} is in progress") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"a {change} (pid {os.getpid()}, since {time.strftime('%H:%M:%SZ', time.gmtime())})"
+                      .encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def mutate(self, change: Callable[[dict, dict], None], *, http_port: int | None = None) -> None:
+        """One read-modify-write of the whole config under the writer's lock: ``change(config, details)``
+        edits ``config`` (from :func:`current_config`) in place; it is then PUT."""
+        with self.writer():
+            details = self.details()
+            config = current_config(details, http_port=http_port)
+            change(config, details)
+            self.put(config)
 
     def _call(self, method: str, path: str, body: dict | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -59,9 +160,6 @@ class ServeREST:
 
         ServeDeploySchema.model_validate(config)  # fail here, naming the field, rather than in the controller
         self._call("PUT", "/api/serve/applications/", config)
-
-    def delete_all(self) -> None:
-        self._call("DELETE", "/api/serve/applications/")
 
 
 def app_entry(name: str, *, import_path: str, args: dict, route_prefix: str,
@@ -100,11 +198,17 @@ def current_config(details: dict, *, http_port: int | None = None) -> dict:
 
 
 def deploy(rest: ServeREST, entry: dict, *, http_port: int | None = None, wait_s: float = 300.0) -> dict:
-    """Add or replace one application and wait until it is RUNNING; returns its status."""
-    config = current_config(rest.details(), http_port=http_port)
-    config["applications"] = [a for a in config["applications"] if a["name"] != entry["name"]] + [entry]
-    rest.put(config)
-    return wait_running(rest, entry["name"], wait_s=wait_s)
+    """Add or replace one application and wait until it is RUNNING; returns its status.
+
+    Refused (:class:`ConfigError` naming ``auth``) for a header-mode app where Serve listens beyond
+    loopback, and (:class:`ChangeConflict`) while another change of the same application is in progress."""
+    def add(config: dict, details: dict) -> None:
+        check_exposure((details.get("http_options") or {}).get("host"), entry)
+        config["applications"] = [a for a in config["applications"] if a["name"] != entry["name"]] + [entry]
+
+    with rest.changing(entry["name"], "deploy"):
+        rest.mutate(add, http_port=http_port)
+        return wait_running(rest, entry["name"], wait_s=wait_s)
 
 
 def launch_app(rest: ServeREST, entry: dict, app_args: CompletionsArgs | EmbeddingsArgs, *, home, tenant,
@@ -135,23 +239,30 @@ def live_user_config(details: dict, app: str, deployment: str) -> dict:
 
 
 def update_deployments(rest: ServeREST, app: str, user_configs: dict[str, dict], *, wait_s: float = 120.0,
-                       details: dict | None = None) -> dict:
+                       expect: dict[str, dict] | None = None) -> dict:
     """Update keys of ``user_config`` of deployments of ``app`` (in place, no restarts); wait until RUNNING.
 
-    The given keys are merged into each deployment's live ``user_config``, so one change (a canary share)
-    never erases another (a cache flush token). ``details``: :meth:`ServeREST.details` if just fetched."""
-    details = details if details is not None else rest.details()
-    config = current_config(details)
-    for entry in config["applications"]:
-        if entry["name"] == app:
-            overrides = {d["name"]: d for d in entry.get("deployments") or []}
-            for dep, uc in user_configs.items():
-                overrides.setdefault(dep, {"name": dep})["user_config"] = {**live_user_config(details, app, dep), **uc}
-            entry["deployments"] = list(overrides.values())
-            break
-    else:
+    The given keys are merged into each deployment's live ``user_config`` under the writer's lock, so one
+    change (a canary share) never erases another (a cache flush token). ``expect``: {deployment: {key: value}}
+    that must still hold in the live ``user_config`` (a compare-and-set), else :class:`ChangeConflict`."""
+    def merge(config: dict, details: dict) -> None:
+        for dep, wanted in (expect or {}).items():
+            live = live_user_config(details, app, dep)
+            for key, value in wanted.items():
+                if live.get(key) != value:
+                    raise ChangeConflict(app, f"update of {dep}.{key}",
+                                         f"{dep}.{key} changed since this change read it")
+        for entry in config["applications"]:
+            if entry["name"] == app:
+                overrides = {d["name"]: d for d in entry.get("deployments") or []}
+                for dep, uc in user_configs.items():
+                    overrides.setdefault(dep, {"name": dep})["user_config"] = {**live_user_config(details, app, dep),
+                                                                               **uc}
+                entry["deployments"] = list(overrides.values())
+                return
         raise NotFound("declaratively deployed Serve application", app, "deploy it with `factory serve deploy`")
-    rest.put(config)
+
+    rest.mutate(merge)
     time.sleep(0.5)  # let the controller pick the new target before polling its status
     return wait_running(rest, app, wait_s=wait_s)
 
@@ -174,17 +285,29 @@ def wait_running(rest: ServeREST, app: str, *, wait_s: float) -> dict:
 
 
 def delete_app(rest: ServeREST, app: str, *, wait_s: float = 60.0) -> bool:
-    """Remove one application; returns whether it existed."""
-    details = rest.details()
-    if app not in (details.get("applications") or {}):
+    """Remove one application (and nothing else); returns whether it existed."""
+    found = []
+
+    def drop(config: dict, details: dict) -> None:
+        found.append(app in (details.get("applications") or {}))
+        config["applications"] = [a for a in config["applications"] if a["name"] != app]
+
+    if app not in (rest.details().get("applications") or {}):
         return False
-    config = current_config(details)
-    config["applications"] = [a for a in config["applications"] if a["name"] != app]
-    rest.put(config)
-    deadline = time.monotonic() + wait_s
-    while app in (rest.details().get("applications") or {}) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return True
+    with rest.changing(app, "delete"):
+        rest.mutate(drop)
+        deadline = time.monotonic() + wait_s
+        while app in (rest.details().get("applications") or {}) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return found[0]
+
+
+def delete_apps(rest: ServeREST, owned: Callable[[str], bool], *, wait_s: float = 60.0) -> list[str]:
+    """Remove the declarative applications whose names ``owned`` accepts, one at a time; returns their names.
+    Serve itself and every other application keep running (a shared cluster stays shared)."""
+    names = [n for n, a in sorted((rest.details().get("applications") or {}).items())
+             if owned(n) and a.get("source", "declarative") != "imperative"]
+    return [n for n in names if delete_app(rest, n, wait_s=wait_s)]
 
 
 def status(rest: ServeREST) -> list[dict]:
@@ -222,34 +345,44 @@ def rollout_state(rest: ServeREST, app: str) -> RolloutState:
 def canary(rest: ServeREST, app: str, *, model_name: str, version: str, percent: float, registry) -> RolloutState:
     """Load ``version`` into the Canary deployment (after checking its digest here), then send it ``percent``%."""
     mv = registry.verify(registry.get(model_name, version))  # refuse a tampered artifact before touching Serve
-    state = rollout_state(rest, app).canary(mv.version, percent)
-    # First load the weights (traffic still 0% there), then shift traffic: no request meets a half-loaded canary.
-    update_deployments(rest, app, {"Canary": {"model_version": mv.version}})
-    _check_loaded(rest, app, "Canary", mv.version)
-    update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}})
+    with rest.changing(app, "canary"):
+        before = rollout_state(rest, app)
+        state = before.canary(mv.version, percent)
+        # First load the weights (traffic still 0% there), then shift traffic: no request meets a half-loaded
+        # canary.
+        update_deployments(rest, app, {"Canary": {"model_version": mv.version}})
+        _check_loaded(rest, app, "Canary", mv.version)
+        update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}},
+                           expect={"Ingress": {"rollout": before.model_dump()}})
     return state
 
 
 def promote(rest: ServeREST, app: str, *, registry, model_name: str) -> RolloutState:
     """The canary version becomes the stable one of every SLO class; the canary share returns to 0."""
-    try:
-        state = rollout_state(rest, app).promote()
-    except ValueError as err:
-        raise ServeDeployError(str(err)) from None
-    registry.verify(registry.get(model_name, state.stable_version))
-    update_deployments(rest, app, {
-        d: {"model_version": state.stable_version} for d in ("Interactive", "Batch")
-    })
-    for d in ("Interactive", "Batch"):
-        _check_loaded(rest, app, d, state.stable_version)
-    update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}})
+    with rest.changing(app, "promote"):
+        before = rollout_state(rest, app)
+        try:
+            state = before.promote()
+        except ValueError as err:
+            raise ServeDeployError(str(err)) from None
+        registry.verify(registry.get(model_name, state.stable_version))
+        update_deployments(rest, app, {
+            d: {"model_version": state.stable_version} for d in ("Interactive", "Batch")
+        })
+        for d in ("Interactive", "Batch"):
+            _check_loaded(rest, app, d, state.stable_version)
+        update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}},
+                           expect={"Ingress": {"rollout": before.model_dump()}})
     return state
 
 
 def rollback(rest: ServeREST, app: str) -> RolloutState:
     """All traffic back to the stable version (the canary deployment keeps its weights, idle)."""
-    state = rollout_state(rest, app).rollback()
-    update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}})
+    with rest.changing(app, "rollback"):
+        before = rollout_state(rest, app)
+        state = before.rollback()
+        update_deployments(rest, app, {"Ingress": {"rollout": state.model_dump()}},
+                           expect={"Ingress": {"rollout": before.model_dump()}})
     return state
 
 
@@ -260,30 +393,43 @@ def flush_caches(rest: ServeREST, app: str, tenant: str | None) -> str:
     place (:func:`aifactory.serve.cache.flush_requests`). Returns the token."""
     import uuid
 
-    details = rest.details()
-    if "Ingress" not in (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}):
-        raise NotFound("cache of Serve application", app)
-    flushes = live_user_config(details, app, "Ingress").get("cache_flush") or {}
     token = uuid.uuid4().hex[:12]
-    update_deployments(rest, app, {"Ingress": {"cache_flush": {**flushes, tenant or "*": token}}}, details=details)
+
+    def add_token(config: dict, details: dict) -> None:
+        if "Ingress" not in (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}):
+            raise NotFound("cache of Serve application", app)
+        live = live_user_config(details, app, "Ingress")
+        flushes = {**(live.get("cache_flush") or {}), tenant or "*": token}
+        for entry in config["applications"]:
+            if entry["name"] == app:
+                overrides = {d["name"]: d for d in entry.get("deployments") or []}
+                overrides.setdefault("Ingress", {"name": "Ingress"})["user_config"] = {**live, "cache_flush": flushes}
+                entry["deployments"] = list(overrides.values())
+                return
+        raise NotFound("cache of Serve application", app)
+
+    rest.mutate(add_token)  # the writer's lock only: a flush takes effect beside a change in progress
+    time.sleep(0.5)
+    wait_running(rest, app, wait_s=120.0)
     return token
 
 
 def _check_loaded(rest: ServeREST, app: str, deployment: str, version: str, *, wait_s: float = 60.0) -> None:
-    """Ask the ingress's status page which version ``deployment`` holds; raise if the load was refused."""
-    import urllib.request
+    """Ask the ingress (through a Serve handle: its HTTP status page needs a tenant's key) which version
+    ``deployment`` holds; raise if the load was refused. Needs this process connected to the cluster."""
+    import ray
+    from ray import serve
 
-    details = rest.details()
-    http = details.get("http_options") or {}
-    route = ((details.get("applications") or {}).get(app) or {}).get("route_prefix") or ""
-    url = f"http://127.0.0.1:{http.get('port', 8000)}{route.rstrip('/')}/v1/status"
+    if not ray.is_initialized():
+        raise ServeDeployError("checking a rollout step needs a Ray driver of the cluster (aifactory.cluster.connect"
+                               ".init_ray)")
     deadline = time.monotonic() + wait_s
     info: dict = {}
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=15) as resp:
-                info = json.loads(resp.read())["deployments"].get(deployment, {})
-        except (OSError, ValueError, KeyError):
+            infos = serve.get_app_handle(app).deployment_infos.remote().result(timeout_s=15)
+            info = infos.get(deployment, {})
+        except Exception:  # noqa: BLE001 - a replica in the middle of reconfiguring; asked again below
             info = {}
         if info.get("version") == version:
             return

@@ -158,11 +158,11 @@ class Decoder:
         logits = model(idx, kv_cache=single, start_pos=start)[:, -1]
         if self.prefix_cache is not None:
             for m in self.prefix_cache.candidate_lengths(n):
-                if m <= start or (self.loaded.version, tokens[:m]) in self.prefix_cache:
+                if m <= start or (tenant, self.loaded.version, tokens[:m]) in self.prefix_cache:
                     continue
                 state = [(single.keys[j][:, :, :m].clone(), single.values[j][:, :, :m].clone())
                          for j in range(len(single.keys))]
-                self.prefix_cache.put(self.loaded.version, tokens[:m], state)
+                self.prefix_cache.put(self.loaded.version, tokens[:m], state, tenant=tenant)
         for layer in range(len(cache.keys)):
             cache.keys[layer][row, :, :n] = single.keys[layer][0]
             cache.values[layer][row, :, :n] = single.values[layer][0]

@@ -91,6 +91,15 @@ class TenantResolver:
 
         return await asyncio.to_thread(self, headers)
 
+    async def caller(self, headers: Mapping[str, str]) -> str:
+        """The tenant of a read of the app's own state (``/v1/status``, ``/v1/models``): as :meth:`resolve`, but
+        an anonymous caller (no key, and in header mode no ``X-Tenant`` either) is refused with 401."""
+        tenant = await self.resolve(headers)
+        if tenant == UNATTRIBUTED:
+            raise APIError(401, "Authorization: this route needs an API key (or, on loopback, an X-Tenant header)",
+                           param="Authorization", code="missing_api_key", type_="authentication_error")
+        return tenant
+
     def __call__(self, headers: Mapping[str, str]) -> str:
         tenant = self._resolve(headers)
         if self.tenants is not None and tenant not in self.tenants:

@@ -286,26 +286,44 @@ class Ingress:
         return {"ok": True}
 
     @api.get("/v1/models")
-    async def models(self) -> ModelList:
+    async def models(self, request: Request):
+        try:
+            await self.tenants.caller(request.headers)  # the caller's key (or, in header mode, tenant) first
+        except APIError as err:
+            return error_response(err)
         ids = [self.args.model_name, f"{self.args.model_name}:{self.rollout.stable_version}"]
         if self.rollout.canary_version:
             ids.append(f"{self.args.model_name}:{self.rollout.canary_version}")
-        return ModelList(data=[ModelCard(id=i) for i in ids])
+        return JSONResponse(ModelList(data=[ModelCard(id=i) for i in ids]).model_dump())
 
-    @api.get("/v1/status")
-    async def status(self) -> dict:
+    async def deployment_infos(self) -> dict:
+        """What each model deployment holds (version, sha256, last refused load): for the rollout steps of
+        ``aifactory.serve.deploy``, through a handle (operators only: the HTTP status page needs a key)."""
         infos = {}
         for name, h in self.handles.items():
             try:
                 infos[name] = await asyncio.wait_for(h.info.remote(), timeout=10)
             except Exception as err:  # status is informational: show the problem, do not fail
                 infos[name] = {"error": f"{type(err).__name__}: {err}"}
-        return {
+        return infos
+
+    @api.get("/v1/status")
+    async def status(self, request: Request):
+        """The rollout and the deployments' versions, and the caller's own cache counters (a key is needed;
+        no other tenant's counters, no shared prefix-cache ratio)."""
+        try:
+            tenant = await self.tenants.caller(request.headers)
+        except APIError as err:
+            return error_response(err)
+        infos = {name: {k: v for k, v in info.items() if k != "prefix_cache_hit_ratio"}
+                 for name, info in (await self.deployment_infos()).items()}
+        return JSONResponse({
+            "tenant": tenant,
             "rollout": self.rollout.model_dump(),
             "deployments": infos,
-            "exact_cache": _cache_info(self.exact),
-            "semantic_cache": _cache_info(self.semantic),
-        }
+            "exact_cache": _cache_info(self.exact, tenant),
+            "semantic_cache": _cache_info(self.semantic, tenant),
+        })
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -351,7 +369,7 @@ class Ingress:
     def _target(self, req: CompletionRequest) -> tuple[str, str]:
         """(deployment, version) for this request: pinned by ``model=name:version`` or by the canary split."""
         name, _, pinned = req.model.partition(":")
-        if name != self.args.model_name:
+        if name not in (self.args.model_name, self.args.model_name.rpartition("/")[2]):  # tenant/name or name
             raise APIError(404, f"model: {req.model!r} is not served here; GET /v1/models lists the models",
                            param="model", code="model_not_found")
         r = self.rollout

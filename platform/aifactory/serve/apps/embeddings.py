@@ -12,7 +12,7 @@ import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 
@@ -111,8 +111,12 @@ class Embeddings:
         return {"ok": True}
 
     @api.get("/v1/models")
-    async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.args.model_id)])
+    async def models(self, request: Request):
+        try:
+            await self.tenants.caller(request.headers)  # the caller's key (or, in header mode, tenant) first
+        except APIError as err:
+            return error_response(err)
+        return JSONResponse(ModelList(data=[ModelCard(id=self.args.model_id)]).model_dump())
 
     @api.post("/v1/embeddings")
     async def embeddings(self, request: Request):
