@@ -20,6 +20,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	tests/tools/ensure_prometheus.sh
+	tests/tools/ensure_chromium.sh
 	$(BIN)/python -m pytest tests --ignore=tests/multinode
 	$(BIN)/python -m pytest tests/multinode
 

@@ -2,11 +2,13 @@
 
 Stages share a :class:`RunContext` (the cluster, the tenant, and ``artifacts`` that one stage hands the
 next, such as a dataset version or a model version). A stage returns a :class:`StageResult` with the
-figures it wants in the summary.
+figures it wants in the summary. :class:`RunLog` keeps the terminal to progress lines and the summary and
+sends everything else the run prints (Ray's worker output, library warnings, tracebacks) to a log file.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -18,6 +20,63 @@ from aifactory.cluster.connect import ClusterAddress
 from aifactory.exceptions import FactoryError
 from aifactory.home import FactoryHome
 from aifactory.tenancy import TenantRef
+
+
+class RunLog:
+    """A run's two outputs: the terminal, for what :meth:`say` writes, and a log file for everything.
+
+    Inside the ``with`` block file descriptors 1 and 2 point at the log file, so whatever else the process
+    or its children print (Ray forwards its workers' output to the driver's stdout; Ray Train's
+    ``TrainingReport`` lines, Ray Data's plan lines, warnings) lands there, not on the terminal. :meth:`say`
+    writes to both, so the log reads as the whole story. ``write``/``flush`` make it a file for
+    :func:`aifactory.cli._output.table`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self._file = None
+        self._terminal = None
+        self._saved: tuple[int, int] | None = None
+
+    def __enter__(self) -> RunLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        self._saved = (os.dup(1), os.dup(2))
+        self._terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        os.dup2(self._file.fileno(), 1)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        assert self._saved is not None and self._file is not None and self._terminal is not None
+        os.dup2(self._saved[0], 1)
+        os.dup2(self._saved[1], 2)
+        for fd in self._saved:
+            os.close(fd)
+        self._terminal.close()
+        self._file.close()
+        self._saved = None
+
+    def write(self, text: str) -> int:
+        if self._terminal is None:  # outside the block: a plain print
+            return sys.stdout.write(text)
+        self._terminal.write(text)
+        sys.stdout.flush()  # keep the file's order: what was printed before this line comes before it
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        if self._terminal is not None:
+            self._terminal.flush()
+            self._file.flush()
+
+    def say(self, msg: str = "") -> None:
+        self.write(msg + "\n")
 
 
 @dataclass
@@ -79,10 +138,16 @@ def run_pipeline(stages: Sequence[Stage], ctx: RunContext, *, keep_going: bool =
             failed = True
         except Exception as err:  # a bug: show where, keep the summary
             outcomes.append(StageOutcome(stage, "failed", time.monotonic() - t0, None, f"{type(err).__name__}: {err}"))
-            ctx.log(f"[{i}/{total}] {stage.name}: FAILED with an unexpected error:\n{traceback.format_exc()}")
+            # One line on the terminal; the traceback goes to the log (stderr is the log file under RunLog).
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            ctx.log(f"[{i}/{total}] {stage.name}: FAILED: {type(err).__name__}: {_first_line(err)} (traceback in the log)")
             failed = True
     ctx.log(f"all stages done in {_mmss(time.monotonic() - t_start)}")
     return outcomes
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def _mmss(seconds: float) -> str:

@@ -120,7 +120,7 @@ def fit_trainer(train_loop, payload: dict[str, Any], *, run_id: str, storage: st
     ``num_workers`` workers, gloo or NCCL by device, DCP checkpoints under ``storage/run_id`` (benchmark
     trials add Tune's report callback). Returns
     ``(result or None, error or None)``: Ray wraps worker errors in TrainingFailedError."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from aifactory.train.parallel import backend_for
@@ -138,6 +138,11 @@ def fit_trainer(train_loop, payload: dict[str, Any], *, run_id: str, storage: st
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_last),
             callbacks=callbacks,
+            # Ray Train v2's verbosity control: its own INFO chatter stays in Ray's train log files, off the
+            # console. It filters only `ray.train*` loggers: the per-report "Reporting training result ...
+            # TrainingReport(...)" line comes from a logger named by file path (ray 2.60,
+            # train/v2/_internal/execution/context.py), which `factory run` sends to its log file instead.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:
