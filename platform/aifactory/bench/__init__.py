@@ -1,4 +1,10 @@
-"""Benchmarks on Ray Tune: sweep specs, repeated trials, confidence intervals, cost per useful outcome.
+"""Measurement: benchmark sweeps on Ray Tune and the one toolkit every benchmark of the factory uses.
+
+The toolkit (also what ``benchmarks/*.py`` and ``factory run``'s serve stage measure with):
+:mod:`~aifactory.bench.loadgen` (the one HTTP load generator: closed and open loop, 2xx = success, 429 and
+errors apart), :mod:`~aifactory.bench.stats` (percentiles, CIs, paired ratios), :mod:`~aifactory.bench.context`
+(where and how a figure was measured), :mod:`~aifactory.bench.results` (versioned run records, priced),
+:mod:`~aifactory.bench.report` (Markdown reports and the one chart helper).
 
 - :mod:`~aifactory.bench.spec`: typed sweep specs (grid of knobs x repeats, trial kind, tenant).
 - :mod:`~aifactory.bench.runner`: ``run_sweep`` runs a spec as Tune trials on the connected cluster.
