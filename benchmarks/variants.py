@@ -6,7 +6,7 @@ Without ``--parent`` it builds everything in a private loopback Ray cluster and 
 corpus, trains the Linear-heavy ``bench_parent`` recipe (jobs/optimize_recipes.py, ~3.3M parameters, FSDP2 +
 bf16), quantizes it (int8-dynamic, gated) and distills ``bench_student`` from it (gated). Then every variant
 decodes the same prompts (validation rows) through the serving engine, one torch thread each (as one serving
-replica), in interleaved rounds (aifactory.optimize.measure). Quality is each one's validation loss on the
+replica), in interleaved rounds (aifactory.bench.variants). Quality is each one's validation loss on the
 parent's validation split and its delta to the parent; cost per 1k requests prices the CPU-seconds with the
 price book. Expected on CPU: int8 dynamic >= 1.5x the parent's throughput for Linear-heavy models.
 Records through the measurement toolkit: benchmarks/results/variants/ (run.json with each variant's row and
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from aifactory.bench.report import bar_chart
     from aifactory.bench.results import record_benchmark
     from aifactory.bench.stats import ratio_summary
-    from aifactory.optimize.measure import compare_variants, summarize
+    from aifactory.bench.variants import compare_variants, summarize
     from aifactory.optimize.quantize import run_quantize
     from aifactory.registry import ModelRegistry
 

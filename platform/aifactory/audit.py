@@ -110,7 +110,7 @@ def audit_path(home: FactoryHome) -> Path:
 
 
 def _chain_key(home: FactoryHome) -> bytes:
-    from aifactory.security import security_dir
+    from aifactory.home import security_dir
 
     path = security_dir(home) / "audit_chain_key"
     if not path.exists():
@@ -158,7 +158,7 @@ def anchor_path(home: FactoryHome) -> Path:
     override = os.environ.get("AIFACTORY_AUDIT_ANCHOR")
     if override:
         return Path(override).expanduser()
-    from aifactory.security import security_dir
+    from aifactory.home import security_dir
 
     return security_dir(home) / "audit_anchor"
 
@@ -186,7 +186,7 @@ def _read_anchor(path: Path, key: bytes | None) -> tuple[int, str] | None:
 
 
 def _write_anchor(path: Path, key: bytes, seq: int, digest: str) -> None:
-    from aifactory.security import write_secret
+    from aifactory.home import write_secret
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_secret(path, _canonical({"seq": seq, "hash": digest, "mac": _anchor_mac(key, seq, digest)}).encode())

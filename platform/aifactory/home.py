@@ -15,6 +15,7 @@ The ledger (SQLite) and the cluster state are always local files.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,3 +122,24 @@ def filesystem(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
     if is_uri(location):
         return pyarrow.fs.FileSystem.from_uri(location)
     return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def security_dir(home: FactoryHome) -> Path:
+    """``<home>/security``, created 0700: only the operator's account reads keys and hashes.
+
+    Part of the home's layout (here, not in :mod:`aifactory.security`) because the base layer's audit log
+    keeps its chain key and anchor there too, and the base layer imports no component."""
+    path = home.root / "security"
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 atomically (never world-readable, not even for a moment)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per thread too
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    os.chmod(path, 0o600)

@@ -221,7 +221,7 @@ def test_cli_refuses_before_any_cluster_work(home, parent, capsys, monkeypatch):
 
 def test_compare_variants_measures_and_prices_each_variant(home, parent, tmp_path):
     from aifactory.cost.pricebook import load_price_book
-    from aifactory.optimize.measure import compare_variants, summarize
+    from aifactory.bench.variants import compare_variants, summarize
 
     mv, _ = run_quantize(home, "lm:v1", _spec(), batches=_batches())
     refs = {"parent": "lm:v1", "int8-dynamic": mv.ref}

@@ -32,6 +32,11 @@ class PricingClass(str, enum.Enum):
 POOL_LABEL = "aifactory.io/pool"
 PRICING_CLASS_LABEL = "aifactory.io/pricing-class"
 DEFAULT_POOL = "default"
+# The serving layer's usage book: the named, detached actor to which Serve replicas push per-tenant request
+# counters (aifactory.serve.usage creates and writes it); the sampler reads it to split a shared deployment
+# between tenants. Named here, below both, so that metering does not import the serving layer.
+SERVE_USAGE_BOOK = "aifactory-serve-usage"
+SERVE_USAGE_NAMESPACE = "aifactory"
 # A pool name is a Ray label value (the same rule as a Kubernetes label value).
 POOL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 POOL_NAME_RULE = "a label value: letters, digits, '-', '_', '.', starting and ending with a letter or digit, at most 63 chars"
@@ -77,6 +82,8 @@ class UsageRecord(BaseModel):
                                            "holder's processes used, GiB-seconds (NVML); None = unknown.")
     energy_j: float | None = Field(default=None, ge=0, description="GPU records: energy of the devices, in "
                                    "joules, split by the holder's share of them (NVML); None = unknown.")
+    estimated: bool = Field(default=False, description="True where the meter fell back from Ray's measured "
+                            "start/end times to estimated ones (e.g. the GCS actor table was unavailable).")
 
     @model_validator(mode="after")
     def _window(self) -> UsageRecord:

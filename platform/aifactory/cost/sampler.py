@@ -362,7 +362,7 @@ def read_serve_usage() -> dict[str, dict[str, dict[str, float]]]:
     try:
         import ray
 
-        from aifactory.serve.usage import BOOK_NAME, NAMESPACE
+        from aifactory.cost.records import SERVE_USAGE_BOOK as BOOK_NAME, SERVE_USAGE_NAMESPACE as NAMESPACE
     except ImportError:
         return {}
     try:

@@ -7,8 +7,7 @@ reads it to split a shared deployment between tenants. Call from a Ray driver.
 
 from __future__ import annotations
 
-BOOK_NAME = "aifactory-serve-usage"
-NAMESPACE = "aifactory"
+from aifactory.cost.records import SERVE_USAGE_BOOK as BOOK_NAME, SERVE_USAGE_NAMESPACE as NAMESPACE
 
 
 def _book_class():
