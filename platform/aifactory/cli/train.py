@@ -45,6 +45,23 @@ def _connect(args, home, job):
     return init_ray(home, address=resolve_address(home, args.address), job_metadata=meta)
 
 
+def _cluster_gpus(args, home) -> float:
+    """GPUs of the cluster ``factory train`` will use, read before any driver connects (admission needs them
+    when ``use_gpu`` is unset): the state API of a running cluster, or this machine's for an embedded one."""
+    from aifactory.cluster.connect import apply_ray_env, resolve_address
+
+    address = resolve_address(home, args.address)
+    if address is None:  # an embedded cluster on this machine: Ray counts its CUDA devices
+        import torch
+
+        return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+    apply_ray_env(home)
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=address.dashboard_url, detail=True, raise_on_missing_output=False)
+    return float(sum((n.resources_total or {}).get("GPU", 0) for n in nodes if n.state == "ALIVE"))
+
+
 def _summary(out) -> dict:
     m = out.metrics
     return {"run_id": out.run_id, "status": out.manifest.get("status"), "model": out.model_name,
@@ -65,9 +82,9 @@ def _train(args: argparse.Namespace) -> int:
     home = home_of(args).ensure()
     job = build_job(recipe=args.recipe or (None if args.config else "tiny"), config=args.config,
                     dataset=args.dataset, max_steps=args.max_steps, workers=args.workers, tenant=args.tenant)
-    _connect(args, home, job)
-    try:
-        out = run_training(job, home=home, log=progress)
+    try:  # admitted first, connected after: a refused run leaves no driver job on the cluster
+        out = run_training(job, home=home, log=progress, cluster_gpus=_cluster_gpus(args, home),
+                           connect=lambda: _connect(args, home, job))
     finally:
         ray.shutdown()
     emit_obj(_summary(out), args.format)

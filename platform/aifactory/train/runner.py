@@ -93,22 +93,29 @@ def pin_dataset(job: TrainJob, home: FactoryHome, *, checksum: bool = True):
 def run_training(
     job: TrainJob, *, home: FactoryHome, run_id: str | None = None, parent_run: str | None = None,
     log: Callable[[str], None] = lambda msg: None, within: str | None = None,
+    connect: Callable[[], object] | None = None, cluster_gpus: float | None = None,
 ) -> TrainOutcome:
     """Launch ``job`` on the connected cluster through the front door (admission, run record, cost events);
     return the outcome (raises QuotaExceeded/BudgetExceeded before anything starts, TrainingFailed on
-    failure). ``within``: the admitted workload this run is part of (a sweep's trial), see ``launch``."""
+    failure). ``within``: the admitted workload this run is part of (a sweep's trial), see ``launch``.
+    ``connect`` (with ``cluster_gpus``, what the cluster has, for ``use_gpu`` left unset): start the Ray driver
+    only after admission, so a refused run leaves no driver job behind (``factory train`` does)."""
     import ray
 
     from aifactory.train.parallel import resolve_use_gpu
     from aifactory.workloads import launch
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() and connect is None:
         raise FactoryError("run_training needs a connected Ray driver: call it from an entrypoint "
-                           "(`factory train`, `python -m jobs.train`) or after ray.init()")
+                           "(`factory train`, `python -m jobs.train`) or after ray.init(), or pass connect=")
     home = home.ensure()
-    use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=ray.cluster_resources().get("GPU", 0))
+    if cluster_gpus is None:
+        if not ray.is_initialized():
+            raise FactoryError("run_training(connect=...) needs cluster_gpus: how many GPUs the cluster has")
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=cluster_gpus)
     run_id = run_id or runs.new_run_id()
-    return launch(train_workload(job, use_gpu=use_gpu), home=home, record_id=run_id, within=within,
+    return launch(train_workload(job, use_gpu=use_gpu), home=home, record_id=run_id, within=within, connect=connect,
                   run=lambda handle: _fit(job, home=home, handle=handle, use_gpu=use_gpu, parent_run=parent_run,
                                           log=log))
 

@@ -117,12 +117,14 @@ class RunHandle:
 
 
 def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], T], record_id: str | None = None,
-           actor: str | None = None, detached: bool = False, within: str | None = None) -> T:
+           actor: str | None = None, detached: bool = False, within: str | None = None,
+           connect: Callable[[], object] | None = None) -> T:
     """Admit ``workload``, start it with ``run(handle)``, record it and its cost events; return what ``run``
     returns. ``detached``: the work runs on by itself after ``run`` returns (a submitted job, a deployment),
     so the record ends as ``started``, not ``succeeded``. ``within``: the id of an admitted workload this one
     runs inside and whose declaration covers it (a sweep's trials): recorded and metered, not admitted twice
-    against holdings that already count its parent. Raises the admission error (QuotaExceeded,
+    against holdings that already count its parent. ``connect``: attach this process to Ray only once the work
+    is admitted (a refused ``factory train`` leaves no driver job behind). Raises the admission error (QuotaExceeded,
     MeterUnavailable, BudgetExceeded) with nothing started and no run record (the refusal is audited), or
     whatever ``run`` raised (recorded as failed)."""
     from aifactory import audit
@@ -145,6 +147,8 @@ def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], 
     _write(home, record)
     handle = RunHandle(home, record)
     try:
+        if connect is not None:
+            connect()
         record.ray_job_id = _current_ray_job()
         record.status, record.started_at = "running", time.time()
         _write(home, record)
