@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -179,10 +180,11 @@ def test_serving_refuses_tampered_and_foreign_models(control, tmp_path):
     # a re-labelled manifest (beta claims alpha's model) breaks the signature
     mv2 = reg.register("sec-model", weights_path=str(weights), model_config={"d_model": 8},
                        manifest={"tenant": ALPHA})
-    record = reg._join("sec-model", mv2.version, "version.json")
-    data = json.loads(open(record).read())
-    data["manifest"]["tenant"] = BETA
-    open(record, "w").write(json.dumps(data))
+    # (copied into beta's namespace and re-labelled there: the signature names alpha's)
+    data = json.loads(open(reg._join(ALPHA, "sec-model", mv2.version, "version.json")).read())
+    data["tenant"] = data["manifest"]["tenant"] = BETA
+    Path(reg._join(BETA, "sec-model", mv2.version)).mkdir(parents=True)
+    Path(reg._join(BETA, "sec-model", mv2.version, "version.json")).write_text(json.dumps(data))
     resp = beta.post("/v1/serve/apps", json={"name": "chat", "model_name": "sec-model", "model_version": mv2.version})
     assert resp.status_code == 409 and "signature" in resp.json()["error"]["message"]
     # another tenant's application: 404 on every rollout verb; the app list holds only one's own apps

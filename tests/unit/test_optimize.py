@@ -34,7 +34,11 @@ def _batches(n: int = 3, seed: int = 1) -> list[torch.Tensor]:
 
 @pytest.fixture
 def home(tmp_path):
-    return FactoryHome.from_env(tmp_path / "home").ensure()
+    from aifactory.security.signing import create_signing_key
+
+    home = FactoryHome.from_env(tmp_path / "home").ensure()
+    create_signing_key(home)
+    return home
 
 
 @pytest.fixture
@@ -157,7 +161,7 @@ def test_a_variant_failing_the_gate_is_registered_not_servable_and_refused_by_se
     path = tmp_path / "outlier.pt"
     torch.save(model.state_dict(), path)
     registry = ModelRegistry(home)
-    registry.register("lm", weights_path=str(path), model_config=CFG.model_dump(), manifest={"dataset_version": "ds-1"})
+    registry.register("lm", weights_path=str(path), model_config=CFG.model_dump(), manifest={"dataset_version": "ds-1", "tenant": "acme"})
     with pytest.raises(VariantRejected, match="max_loss_delta") as err:
         run_quantize(home, "lm:v1", _spec(max_loss_delta=0.05), batches=_batches())
     assert err.value.ref == "lm:v2" and err.value.exit_code == 3

@@ -14,7 +14,11 @@ from aifactory.registry import ModelRegistry, sha256_file
 
 @pytest.fixture
 def registry(tmp_path):
-    return ModelRegistry(FactoryHome.from_env(tmp_path / "home"))
+    from aifactory.security.signing import create_signing_key
+
+    home = FactoryHome.from_env(tmp_path / "home")
+    create_signing_key(home)  # the control plane's start creates it; registration never does
+    return ModelRegistry(home)
 
 
 @pytest.fixture
@@ -67,7 +71,7 @@ def test_verify_detects_tampering(registry, weights):
 def test_bad_registration_lists_every_problem(registry, tmp_path):
     with pytest.raises(ConfigError) as err:
         registry.register("Bad Name", weights_path=str(tmp_path / "nope.pt"), model_config={}, manifest={"x": object()})
-    assert len(err.value.problems) == 3
+    assert len(err.value.problems) == 4  # tenant (none named), name, weights_path, manifest
     assert registry.list() == []
 
 
@@ -82,7 +86,7 @@ def test_concurrent_registrations_get_distinct_versions(registry, weights):
     assert sorted(out, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 7)]
     assert len(registry.list("c")) == 6
     # no staging leftovers
-    assert not [p for p in (Path(registry.location) / "c").iterdir() if p.name.startswith(".staging")]
+    assert not [p for p in (Path(registry.location) / "acme" / "c").iterdir() if p.name.startswith(".staging")]
 
 
 def test_record_is_plain_json(registry, weights):

@@ -18,7 +18,9 @@ from aifactory.security.apikeys import KeyStore
 
 @pytest.fixture
 def home(tmp_path) -> FactoryHome:
-    return FactoryHome.from_env(tmp_path / "home").ensure()
+    home = FactoryHome.from_env(tmp_path / "home").ensure()
+    signing.create_signing_key(home)  # as `factory up` does; signing never creates a key
+    return home
 
 
 def _mode(path) -> int:
@@ -144,6 +146,7 @@ def test_tampered_manifest_weights_or_signature_are_refused(tmp_path, home):
 def test_signature_from_another_factory_is_refused(tmp_path, home):
     weights, fields, _ = _model(tmp_path, home)
     other = FactoryHome.from_env(tmp_path / "other").ensure()
+    signing.create_signing_key(other)
     foreign = signing.sign_model(other, **fields)
     with pytest.raises(IntegrityError, match="signed by key"):
         signing.verify_model(home, **fields, signature=foreign, weights_path=weights)
@@ -240,7 +243,7 @@ def test_registry_signs_versions_and_refuses_tampering(tmp_path, home):
     assert mv.extra["signature"]["algorithm"] == "ed25519"
     reg.verify(reg.get("tiny", mv.version))
 
-    record = tmp_path / "home" / "registry" / "tiny" / mv.version / "version.json"
+    record = tmp_path / "home" / "registry" / "search" / "tiny" / mv.version / "version.json"
     original = record.read_text()
     data = json.loads(original)
     data["manifest"]["tenant"] = "ads"  # someone re-labels the model's owner

@@ -135,7 +135,10 @@ def init_ray(
     submitted job. Returns where the cluster answers.
     """
     if address is None:
+        from aifactory.security.signing import create_signing_key
+
         ensure_token(home)
+        create_signing_key(home)  # this process starts the embedded cluster: it is its control plane
     apply_ray_env(home)
     import ray
     from ray.job_config import JobConfig

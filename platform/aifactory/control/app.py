@@ -206,7 +206,7 @@ def create_app(home: FactoryHome | None = None, *, address: str | None = None,
     requests/s and burst per API key; ``max_body_bytes``: the largest request body (default 1 MiB)."""
     from aifactory.control.guard import MAX_BODY_BYTES, InputGuard
 
-    from aifactory.control import routes_admin, routes_jobs, routes_serve
+    from aifactory.control import routes_admin, routes_jobs, routes_registry, routes_serve
     from aifactory.control.schemas import ErrorBody
 
     app = FastAPI(
@@ -219,13 +219,16 @@ def create_app(home: FactoryHome | None = None, *, address: str | None = None,
         redoc_url=None,
     )
     app.state.control = ControlState(home=home or FactoryHome.from_env(), address=address, rate=rate)
-    app.add_middleware(InputGuard, max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
+    from aifactory.registry.service import MAX_WEIGHTS_BYTES
+
+    app.add_middleware(InputGuard, max_body_bytes=max_body_bytes or MAX_BODY_BYTES,
+                       raw_bodies={"/v1/models/register": MAX_WEIGHTS_BYTES})
     app.add_exception_handler(FactoryError, _factory_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     responses = {k: {**v, "model": ErrorBody} for k, v in COMMON_RESPONSES.items()}
-    for module in (routes_jobs, routes_admin, routes_serve):
+    for module in (routes_jobs, routes_admin, routes_serve, routes_registry):
         app.include_router(module.router, prefix=f"/{API_VERSION}", responses=responses)
 
     @app.get("/healthz", include_in_schema=False)

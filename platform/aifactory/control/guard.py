@@ -166,10 +166,21 @@ def check_url(raw_path: bytes, query: bytes) -> None:
 class InputGuard:
     """ASGI middleware: the URL, size and JSON-shape checks above, answered as the API's JSON errors."""
 
-    def __init__(self, app, *, max_body_bytes: int = MAX_BODY_BYTES, max_json_depth: int = MAX_JSON_DEPTH):
+    def __init__(self, app, *, max_body_bytes: int = MAX_BODY_BYTES, max_json_depth: int = MAX_JSON_DEPTH,
+                 raw_bodies: dict[str, int] | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_json_depth = max_json_depth
+        # Paths (suffixes) that take an application/octet-stream body up to their own bound, not JSON
+        # (model weights to POST /v1/models/register); other content types there get the JSON rules.
+        self.raw_bodies = dict(raw_bodies or {})
+
+    def _raw_limit(self, scope) -> int | None:
+        headers = dict(scope.get("headers") or [])
+        if headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/octet-stream":
+            return None
+        path = scope.get("path", "")
+        return next((n for suffix, n in self.raw_bodies.items() if path.endswith(suffix)), None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -177,12 +188,14 @@ class InputGuard:
         try:
             check_url(scope.get("raw_path") or scope.get("path", "").encode("utf-8", "surrogateescape"),
                       scope.get("query_string") or b"")
+            raw_limit = self._raw_limit(scope)
+            limit = raw_limit or self.max_body_bytes
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None:
                 if not length.isdigit():
                     raise InvalidInput("Content-Length", "is not a number")
-                if int(length) > self.max_body_bytes:
-                    raise InvalidInput("body", f"larger than {self.max_body_bytes} bytes", status=413)
+                if int(length) > limit:
+                    raise InvalidInput("body", f"larger than {limit} bytes", status=413)
             chunks, size, more = [], 0, True
             while more:
                 message = await receive()
@@ -190,12 +203,13 @@ class InputGuard:
                     return
                 chunk = message.get("body", b"")
                 size += len(chunk)
-                if size > self.max_body_bytes:
-                    raise InvalidInput("body", f"larger than {self.max_body_bytes} bytes", status=413)
+                if size > limit:
+                    raise InvalidInput("body", f"larger than {limit} bytes", status=413)
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             body = b"".join(chunks)
-            check_body(body, max_depth=self.max_json_depth)
+            if raw_limit is None:
+                check_body(body, max_depth=self.max_json_depth)
         except InvalidInput as err:
             return await _send_error(send, err)
 

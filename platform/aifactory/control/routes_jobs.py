@@ -7,6 +7,8 @@ the submission and any stop, once each.
 
 from __future__ import annotations
 
+import os
+import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -16,6 +18,7 @@ from aifactory.control.guard import check_name
 from aifactory.control.schemas import JobLogs, JobStopped, JobSubmit, JobSubmitted
 from aifactory.exceptions import ConfigError, JobNotFound, PermissionDenied
 from aifactory.jobs.client import Client, JobRecord
+from aifactory.registry.service import grant_env
 from aifactory.security.apikeys import Principal
 
 router = APIRouter(tags=["jobs"])
@@ -47,8 +50,14 @@ def submit_job(body: JobSubmit, request: Request, principal: CurrentPrincipal) -
             raise PermissionDenied("tenant: your API key submits only as its own tenant; omit `tenant`")
         tenant = principal.tenant
     client = state_of(request).jobs(principal, tenant=tenant, project=body.project)
+    # The job registers models only through the control plane, as this tenant: a grant bound to its submission id.
+    submission_id = f"raysubmit_{secrets.token_hex(8)}"
+    grant = grant_env(state_of(request).home, tenant=tenant, project=body.project, submission_id=submission_id,
+                      url=os.environ.get("AIFACTORY_CONTROL_URL") or str(request.base_url))
     job_id = client.submit(
         body.entrypoint,
+        submission_id=submission_id,
+        runtime_env={"env_vars": grant},
         workload=body.workload,
         num_cpus=body.num_cpus,
         num_gpus=body.num_gpus,

@@ -218,7 +218,7 @@ def _distill(home, registry, teacher_mv, spec: DistillSpec, version, *, handle, 
     log(f"distill {run_id}: {teacher_mv.ref} -> student {job.model.gpt.num_params():,} params, {job.sharding}+"
         f"{job.precision} on {job.scaling.num_workers} {'GPU' if use_gpu else 'CPU'} workers, {job.steps} steps, "
         f"T={spec.temperature}, alpha={spec.alpha}, dataset {version.version}")
-    payload = DistillPayload(spec=spec, teacher_ref=teacher_mv.ref, run_id=run_id, home_root=str(home.root))
+    payload = DistillPayload(spec=spec, teacher_ref=teacher_mv.qualified_ref, run_id=run_id, home_root=str(home.root))
     handle.ref("run_id", run_id)
     t0 = time.monotonic()
     result, error = fit_trainer(distill_loop_per_worker, payload.model_dump(mode="json"), run_id=run_id,
@@ -235,7 +235,7 @@ def _distill(home, registry, teacher_mv, spec: DistillSpec, version, *, handle, 
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, WEIGHTS), map_location="cpu", weights_only=True)
     student = load_state(build_model(job.model.gpt), state)
-    _, teacher_model = load_registered(registry, teacher_mv.ref)
+    _, teacher_model = load_registered(registry, teacher_mv.qualified_ref)
     if batches is None:
         batches = validation_batches(version, spec=spec.eval)
     gate = measure(teacher_model, student, batches, gate=spec.gate)
@@ -251,7 +251,10 @@ def _distill(home, registry, teacher_mv, spec: DistillSpec, version, *, handle, 
         extra={"project": job.tenant.project, "precision": job.precision, "sharding": job.sharding},
     )
     try:
-        mv = register_variant(registry, teacher_mv.name, student, manifest=mv_manifest, result=gate)
+        from aifactory.registry.service import Registration
+
+        registrar = Registration.from_env().registrar(home, tenant=job.tenant.tenant)
+        mv = register_variant(registrar, teacher_mv.name, student, manifest=mv_manifest, result=gate)
     except Exception:
         manifest["status"] = "rejected"
         runs.write_manifest(home, run_id, manifest)

@@ -162,8 +162,10 @@ def variant_manifest(parent_mv, *, variant: dict[str, Any], result: GateResult, 
     }
 
 
-def register_variant(registry, name: str, model, *, manifest: dict[str, Any], result: GateResult):
-    """Register ``model``'s state as the next version of ``name`` (servable only if the gate passed).
+def register_variant(registrar, name: str, model, *, manifest: dict[str, Any], result: GateResult):
+    """Register ``model``'s state as the next version of ``name`` (servable only if the gate passed) through
+    ``registrar`` (:meth:`aifactory.registry.service.Registration.registrar`: the control plane stamps the
+    tenant, checks the lineage and signs).
 
     Raises VariantRejected after registering a failed variant, so the caller's command says why.
     """
@@ -176,7 +178,7 @@ def register_variant(registry, name: str, model, *, manifest: dict[str, Any], re
         with quiet_deprecations():
             torch.save(model.state_dict(), path)
         cfg = model.config.model_dump(mode="json")
-        mv = registry.register(name, weights_path=path, model_config=cfg, manifest=manifest, servable=result.passed)
+        mv = registrar.register(name, weights_path=path, model_config=cfg, manifest=manifest, servable=result.passed)
     if not result.passed:
         raise VariantRejected(mv.ref, result.reason)
     return mv

@@ -11,20 +11,22 @@ def variant_tree(versions: Sequence[Any]) -> list[tuple[int, Any]]:
 
     Versions whose parent is not in ``versions`` (or which have none) are roots, in their given order.
     """
-    refs = {f"{mv.name}:{mv.version}": mv for mv in versions}
-    children: dict[str, list[Any]] = {}
+    # A parent is named within the variant's own tenant namespace (aifactory.registry.store).
+    key = lambda mv: (getattr(mv, "tenant", ""), f"{mv.name}:{mv.version}")  # noqa: E731
+    refs = {key(mv): mv for mv in versions}
+    children: dict[tuple[str, str], list[Any]] = {}
     roots = []
     for mv in versions:
-        parent = (mv.manifest or {}).get("parent")
-        if parent in refs and parent != f"{mv.name}:{mv.version}":
+        parent = (getattr(mv, "tenant", ""), (mv.manifest or {}).get("parent"))
+        if parent in refs and parent != key(mv):
             children.setdefault(parent, []).append(mv)
         else:
             roots.append(mv)
     out: list[tuple[int, Any]] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
 
     def walk(mv, depth: int) -> None:
-        ref = f"{mv.name}:{mv.version}"
+        ref = key(mv)
         if ref in seen:  # a cycle in hand-edited manifests must not loop forever
             return
         seen.add(ref)

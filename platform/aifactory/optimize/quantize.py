@@ -119,7 +119,10 @@ def _quantize(home, ref: str, spec, *, handle, batches, log):
                  "quantize_s": round(quantize_s, 3)},
         extra={"project": spec.tenant.project, "precision": method},
     )
-    mv = register_variant(registry, parent_mv.name, variant.cpu(), manifest=manifest, result=result)
+    from aifactory.registry.service import Registration
+
+    registrar = Registration.from_env().registrar(home, tenant=spec.tenant.tenant)
+    mv = register_variant(registrar, parent_mv.name, variant.cpu(), manifest=manifest, result=result)
     handle.ref("model", mv.ref)
     handle.event("checkpoint_validated", f"validated:{mv.version}")
     return mv, result

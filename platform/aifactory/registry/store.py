@@ -1,9 +1,17 @@
 """A file-based model registry under ``FactoryHome.registry`` (a local path or a pyarrow URI).
 
-Layout::
+Layout: one namespace per tenant, so model names are the tenant's own (tenant ``b`` resolving "the newest
+``gpt-tiny``" never sees ``a``'s versions, and each namespace numbers its own versions)::
 
-    <registry>/<name>/v<N>/weights.pt      one consolidated file (torch.save of a state_dict, or .safetensors)
-    <registry>/<name>/v<N>/version.json    name, version, sha256, model_config, manifest, created_at, servable
+    <registry>/<tenant>/<name>/v<N>/weights.pt      one consolidated file (torch.save of a state_dict, or .safetensors)
+    <registry>/<tenant>/<name>/v<N>/version.json    tenant, name, version, sha256, model_config, manifest, servable, signature
+
+Only the control plane writes (:mod:`aifactory.registry.service`: it stamps the tenant from the
+authenticated submitter and signs with a key only it holds); everyone else reads. A ``ModelRegistry(home,
+tenant="b")`` is b's view; an unscoped one (the operator's) takes ``tenant/name`` or a name only one tenant
+has. A record that does not sit where it says it belongs (tenant, name, version) is ignored, and resolving
+"the newest servable" skips versions whose signature does not verify, so a record copied or forged into a
+namespace never becomes its default.
 
 Registration is atomic: everything is written into a hidden staging directory which is then renamed to
 ``v<N>`` (on a local filesystem a rename onto an existing, non-empty directory fails, so two concurrent
@@ -33,13 +41,14 @@ MANIFEST_KEYS = ("dataset_version", "code_version", "config_hash", "seed", "metr
 """Provenance every manifest carries (missing ones are recorded as null, never invented)."""
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$")
+_TENANT_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One registered version of a model."""
+    """One registered version of a model, in its tenant's namespace."""
 
     name: str
     version: str
@@ -51,10 +60,22 @@ class ModelVersion:
     servable: bool = True
     size_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    tenant: str = ""
 
     @property
     def ref(self) -> str:
+        """``name:version`` within the tenant's namespace."""
         return f"{self.name}:{self.version}"
+
+    @property
+    def qualified_ref(self) -> str:
+        """``tenant/name:version``: one version, unambiguous in any view that may see it."""
+        return f"{self.tenant}/{self.name}:{self.version}"
+
+    @property
+    def qualified_name(self) -> str:
+        """``tenant/name``: the name an unscoped registry resolves without ambiguity."""
+        return f"{self.tenant}/{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,13 +99,32 @@ def _home_of(location: str) -> FactoryHome:
     return FactoryHome.from_env()
 
 
-def _signed(home: FactoryHome, record: ModelVersion) -> ModelVersion:
-    """``record`` with the factory's ed25519 signature of its manifest in ``extra["signature"]``."""
-    from aifactory.security.signing import sign_model
+def _document(record: ModelVersion) -> dict[str, Any]:
+    from aifactory.security.signing import model_document
 
-    sig = sign_model(home, name=record.name, version=record.version, sha256=record.sha256,
-                     model_config=record.model_config, manifest=record.manifest)
+    return model_document(name=record.name, version=record.version, sha256=record.sha256,
+                          model_config=record.model_config, manifest=record.manifest, tenant=record.tenant,
+                          servable=record.servable)
+
+
+def _signed(home: FactoryHome, record: ModelVersion) -> ModelVersion:
+    """``record`` with the control plane's ed25519 signature in ``extra["signature"]`` (SigningKeyUnavailable
+    in any process that does not hold the key)."""
+    from aifactory.security.signing import Signer
+
+    sig = Signer(home).sign(_document(record))
     return ModelVersion(**(record.to_dict() | {"extra": {**record.extra, "signature": sig}}))
+
+
+def _check_name(what: str, value: str | None) -> str | None:
+    return None if _NAME_RE.match(value or "") and "/" not in (value or "") else \
+        f"{what}: {value!r} is not a model name (lowercase letters, digits, '.', '_', '-')"
+
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """``"t/gpt"`` -> ``("t", "gpt")``; ``"gpt"`` -> ``(None, "gpt")``."""
+    tenant, slash, bare = (name or "").rpartition("/")
+    return (tenant or None, bare) if slash else (None, name)
 
 
 def _version_number(version: str) -> int:
@@ -93,9 +133,12 @@ def _version_number(version: str) -> int:
 
 
 class ModelRegistry:
-    """Register, list, fetch and verify model versions. Knows neither training nor serving."""
+    """Register, list, fetch and verify model versions. Knows neither training nor serving.
 
-    def __init__(self, home: FactoryHome | str | Path):
+    ``tenant``: this view sees only that tenant's namespace (``None``: every tenant's, for operators)."""
+
+    def __init__(self, home: FactoryHome | str | Path, *, tenant: str | None = None):
+        self.tenant = tenant
         self.location = home.registry if isinstance(home, FactoryHome) else str(home)
         # The factory's signing key lives under the home (aifactory.security.signing), even when the
         # registry itself is a URI or a bare path: a bare `<home>/registry` path (as Serve replicas get it)
@@ -124,17 +167,35 @@ class ModelRegistry:
         model_config: Mapping[str, Any],
         manifest: Mapping[str, Any],
         servable: bool = True,
+        tenant: str | None = None,
     ) -> ModelVersion:
-        """Copy ``weights_path`` into the registry as the next version of ``name``; return the new version."""
+        """Copy ``weights_path`` into ``tenant``'s namespace as the next version of ``name``, signed; return it.
+
+        Only the control plane calls this (it needs the signing key): ``tenant`` is the authenticated
+        submitter's (default: this view's tenant), and it overrides whatever ``manifest["tenant"]`` said."""
         problems = []
-        if not _NAME_RE.match(name or ""):
-            problems.append(f"name: {name!r} is not a model name (lowercase letters, digits, '.', '_', '-')")
+        # The caller holds the signing key (checked below), so it is the control plane or the operator: the
+        # tenant it names, else the manifest's (the operator's own registrations).
+        tenant = tenant or self.tenant or (manifest or {}).get("tenant")
+        if self.tenant is not None and tenant != self.tenant:
+            problems.append(f"tenant: this registry view is {self.tenant!r}'s, not {tenant!r}'s")
+        if not tenant:
+            problems.append("tenant: a model version is registered in a tenant's namespace; none was given")
+        else:
+            from aifactory.tenancy import TenantRef
+
+            try:
+                TenantRef(tenant=tenant)
+            except ValueError as err:
+                problems.append(f"tenant: {tenant!r} is not a tenant name ({str(err).splitlines()[-1].strip()})")
+        if problem := _check_name("name", name):
+            problems.append(problem)
         src_fs, src = filesystem(weights_path)
         import pyarrow.fs as pafs
 
         if src_fs.get_file_info(src).type != pafs.FileType.File:
             problems.append(f"weights_path: no such file {weights_path!r}")
-        full_manifest = {k: None for k in MANIFEST_KEYS} | dict(manifest)
+        full_manifest = {k: None for k in MANIFEST_KEYS} | dict(manifest) | {"tenant": tenant}
         for what, obj in (("model_config", model_config), ("manifest", full_manifest)):
             try:
                 json.dumps(obj, allow_nan=True)
@@ -143,19 +204,23 @@ class ModelRegistry:
         if problems:
             raise ConfigError(f"model registration of {name!r}", problems)
 
+        from aifactory.security.signing import Signer
+
+        Signer(self._home)  # no key, no copy: fail before writing anything
         suffix = ".safetensors" if src.endswith(".safetensors") else ".pt"
-        model_dir = self._join(name)
+        model_dir = self._join(tenant, name)
         self._fs.create_dir(model_dir, recursive=True)
-        staging = self._join(name, f".staging-{uuid.uuid4().hex[:12]}")
+        staging = self._join(tenant, name, f".staging-{uuid.uuid4().hex[:12]}")
         self._fs.create_dir(staging, recursive=True)
         try:
             digest, size = self._copy_hashing(src_fs, src, f"{staging}/weights{suffix}")
             for _ in range(1000):
-                version = f"v{self._next_number(name)}"
+                version = f"v{self._next_number(tenant, name)}"
                 record = ModelVersion(
+                    tenant=tenant,
                     name=name,
                     version=version,
-                    weights_path=self._public(self._join(name, version, f"weights{suffix}")),
+                    weights_path=self._public(self._join(tenant, name, version, f"weights{suffix}")),
                     sha256=digest,
                     model_config=dict(model_config),
                     manifest=full_manifest,
@@ -164,7 +229,7 @@ class ModelRegistry:
                     size_bytes=size,
                 )
                 record = _signed(self._home, record)
-                if self._commit(staging, self._join(name, version), record):
+                if self._commit(staging, self._join(tenant, name, version), record):
                     return record
             raise RuntimeError(f"could not allocate a version for {name!r}")  # pragma: no cover
         finally:
@@ -206,10 +271,11 @@ class ModelRegistry:
         return True
 
     def set_servable(self, name: str, version: str, servable: bool) -> ModelVersion:
-        """Mark a version (not) servable, e.g. to withdraw a bad model from ``get(name)``."""
+        """Mark a version (not) servable, e.g. to withdraw a bad model from ``get(name)``; re-signed (the
+        signature covers ``servable``), so only the control plane can."""
         mv = self.get(name, version)
-        updated = ModelVersion(**(mv.to_dict() | {"servable": servable}))
-        path = self._join(name, version, RECORD)
+        updated = _signed(self._home, ModelVersion(**(mv.to_dict() | {"servable": servable})))
+        path = self._join(mv.tenant, mv.name, version, RECORD)
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         with self._fs.open_output_stream(tmp) as f:
             f.write(json.dumps(updated.to_dict(), indent=2, sort_keys=True).encode())
@@ -217,58 +283,107 @@ class ModelRegistry:
         return updated
 
     # ---- read --------------------------------------------------------------------------------------
-    def _next_number(self, name: str) -> int:
+    def _next_number(self, tenant: str, name: str) -> int:
         import pyarrow.fs as pafs
 
-        infos = self._fs.get_file_info(pafs.FileSelector(self._join(name), allow_not_found=True))
+        infos = self._fs.get_file_info(pafs.FileSelector(self._join(tenant, name), allow_not_found=True))
         return 1 + max((_version_number(i.base_name) for i in infos), default=0)
 
-    def _read(self, name: str, version: str) -> ModelVersion | None:
-        path = self._join(name, version, RECORD)
+    def _dirs(self, *parts: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        infos = self._fs.get_file_info(pafs.FileSelector(self._join(*parts) if parts else self._root,
+                                                         allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and _NAME_RE.match(i.base_name))
+
+    def _read(self, tenant: str, name: str, version: str) -> ModelVersion | None:
+        path = self._join(tenant, name, version, RECORD)
         try:
             with self._fs.open_input_stream(path) as f:
                 data = json.loads(f.read())
-        except (FileNotFoundError, OSError):
+            mv = ModelVersion(**data)
+        except (FileNotFoundError, OSError, ValueError, TypeError):
             return None
-        return ModelVersion(**data)
+        if (mv.tenant, mv.name, mv.version) != (tenant, name, version):
+            return None  # a record copied or moved into another place than the one it was signed for
+        return mv
+
+    def tenants(self) -> list[str]:
+        """The namespaces this view sees."""
+        if self.tenant is not None:
+            return [self.tenant]
+        return [t for t in self._dirs() if _TENANT_RE.match(t)]
+
+    def _scope(self, name: str) -> tuple[list[str], str]:
+        """``(namespaces to look in, bare name)`` for ``name`` (``tenant/name`` or a bare name)."""
+        tenant, bare = split_name(name)
+        if tenant is None:
+            return self.tenants(), bare
+        if not _TENANT_RE.match(tenant):
+            return [], bare
+        if self.tenant is not None and tenant != self.tenant:
+            return [], bare  # another tenant's model: exactly like one that does not exist
+        return [tenant], bare
 
     def list(self, name: str | None = None) -> list[ModelVersion]:
-        """Every committed version, by name then version number."""
-        import pyarrow.fs as pafs
-
-        names = [name] if name else sorted(
-            i.base_name
-            for i in self._fs.get_file_info(pafs.FileSelector(self._root, allow_not_found=True))
-            if i.type == pafs.FileType.Directory and _NAME_RE.match(i.base_name)
-        )
+        """Every committed version this view sees, by tenant, name, then version number."""
+        if name is not None:
+            tenants, bare = self._scope(name)
+            pairs = [(t, bare) for t in tenants]
+        else:
+            pairs = [(t, n) for t in self.tenants() for n in self._dirs(t)]
         out = []
-        for n in names:
-            infos = self._fs.get_file_info(pafs.FileSelector(self._join(n), allow_not_found=True))
-            for v in sorted((i.base_name for i in infos if _VERSION_RE.match(i.base_name)), key=_version_number):
-                mv = self._read(n, v)
+        for t, n in pairs:
+            for v in sorted((v for v in self._dirs(t, n) if _VERSION_RE.match(v)), key=_version_number):
+                mv = self._read(t, n, v)
                 if mv is not None:
                     out.append(mv)
         return out
 
+    def _signature_ok(self, mv: ModelVersion) -> bool:
+        try:
+            self.verify_signature(mv)
+        except IntegrityError:
+            return False
+        return True
+
     def get(self, name: str, version: str | None = None) -> ModelVersion:
-        """A version of ``name``; ``None`` means the newest servable one."""
+        """A version of ``name`` (``tenant/name``, or a bare name); ``None`` means the newest servable one
+        whose signature verifies. An unscoped view refuses a bare name that several tenants use."""
+        label = f"{name}:{version}" if version else name
+        tenants, bare = self._scope(name)
+        found = [t for t in tenants if self._dirs(t, bare)] if _NAME_RE.match(bare or "") else []
+        if len(found) > 1:
+            raise ConfigError("model name", [f"name: {bare!r} is registered by tenants {', '.join(found)}; "
+                                             f"name one: {found[0]}/{bare}"])
+        if not found:
+            raise NotFound("model version" if version else "servable model", label,
+                           "train one with `factory train`; `factory models` lists versions")
+        tenant = found[0]
         if version is not None:
-            mv = self._read(name, version) if _VERSION_RE.match(version) else None
+            mv = self._read(tenant, bare, version) if _VERSION_RE.match(version) else None
             if mv is None:
-                raise NotFound("model version", f"{name}:{version}", "`factory models` lists the registered versions")
+                raise NotFound("model version", label, "`factory models` lists the registered versions")
             return mv
-        servable = [mv for mv in self.list(name) if mv.servable]
-        if not servable:
-            raise NotFound("servable model", name, "train one with `factory train`; `factory models` lists versions")
-        return servable[-1]
+        for mv in reversed(self.list(f"{tenant}/{bare}")):
+            if mv.servable and self._signature_ok(mv):
+                return mv
+        raise NotFound("servable model", label, "train one with `factory train`; `factory models` lists versions")
+
+    def find_run_step(self, tenant: str, name: str, run_id: str, step: int | None) -> ModelVersion | None:
+        """The version ``run_id`` registered at ``step`` in ``tenant``'s namespace, if any (a resumed attempt
+        replays the steps after its checkpoint)."""
+        for mv in self.list(f"{tenant}/{name}"):
+            if mv.manifest.get("run_id") == run_id and mv.manifest.get("step") == step:
+                return mv
+        return None
 
     def verify_signature(self, mv: ModelVersion) -> ModelVersion:
         """Check the factory's ed25519 signature of the version's manifest; IntegrityError if it does not match."""
-        from aifactory.security.signing import model_document, verify_document
+        from aifactory.security.signing import verify_document
 
-        doc = model_document(name=mv.name, version=mv.version, sha256=mv.sha256, model_config=mv.model_config,
-                             manifest=mv.manifest)
-        verify_document(self._home, doc, mv.extra.get("signature"), where=f"model {mv.ref} ({RECORD})")
+        verify_document(self._home, _document(mv), mv.extra.get("signature"),
+                        where=f"model {mv.qualified_name}:{mv.version} ({RECORD})")
         return mv
 
     def verify(self, mv: ModelVersion) -> ModelVersion:
@@ -284,8 +399,8 @@ class ModelRegistry:
 
     def remove(self, name: str, version: str) -> None:
         """Delete a version (its weights and record)."""
-        self.get(name, version)
-        path = self._join(name, version)
+        mv = self.get(name, version)
+        path = self._join(mv.tenant, mv.name, version)
         if self._local:
             shutil.rmtree(path)
         else:

@@ -33,6 +33,9 @@ class WorkerPayload(StrictModel):
     code_version: str = Field(description="Code version of the driver.")
     config_hash: str = Field(description="Hash of the job config.")
     parent_run: str | None = Field(default=None, description="The run this one re-executes, if any.")
+    registration: dict[str, str | None] | None = Field(
+        default=None, description="How rank 0 registers validated checkpoints: the control plane's url and the "
+                                  "job's grant (aifactory.registry.service.Registration); null = in-process.")
 
 
 def gate_passes(val_loss: float, *, gate: GateSpec, best_validated: float | None) -> bool:
@@ -253,24 +256,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _register(model, payload: WorkerPayload, dataset_version: str, step: int, val_loss: float, rank: int, ckpt) -> str | None:
-    """Consolidate the weights (a collective) and register them from rank 0; idempotent per (run, step)."""
+    """Consolidate the weights (a collective) and have rank 0 register them through the control plane
+    (aifactory.registry.service), which stamps the tenant and signs; idempotent per (run, step)."""
     import torch
 
     from aifactory.home import FactoryHome
-    from aifactory.registry import ModelRegistry
+    from aifactory.registry.service import Registration
 
     full = ckpt.consolidated_model_state(model)
     if rank != 0:
         return None
     job = payload.job
-    registry = ModelRegistry(FactoryHome.from_env(payload.home_root))
-    for mv in registry.list(job.model.name):  # a resumed attempt may replay a step it registered already
-        if mv.manifest.get("run_id") == payload.run_id and mv.manifest.get("step") == step:
-            return mv.version
+    registrar = Registration(**(payload.registration or {})).registrar(FactoryHome.from_env(payload.home_root),
+                                                                       tenant=job.tenant.tenant)
     with tempfile.TemporaryDirectory(prefix="aif-weights-") as tmp:
         path = os.path.join(tmp, "weights.pt")
         torch.save(full, path)
-        mv = registry.register(
+        mv = registrar.register(
             job.model.name, weights_path=path, model_config=job.model.gpt.model_dump(mode="json"),
             manifest={
                 "dataset_version": dataset_version, "code_version": payload.code_version,

@@ -167,17 +167,22 @@ def storage_of(job: TrainJob, home: FactoryHome) -> str:
 def _fit(job: TrainJob, *, home: FactoryHome, handle, use_gpu: bool, parent_run: str | None,
          log: Callable[[str], None]) -> TrainOutcome:
     from aifactory.provenance import code_version
+    from aifactory.registry.service import Registration
     from aifactory.train.loop import WorkerPayload, train_loop_per_worker
     from aifactory.train.parallel import backend_for
 
     run_id = handle.id
     job, version = pin_dataset(job, home)
+    # A job the control plane launched registers through it with its grant (the tenant is the grant's, not
+    # job.tenant); the operator's own runs register in-process, which needs the signing key.
+    registration = Registration.from_env()
     storage = storage_of(job, home)
     code = code_version()
     payload = WorkerPayload(
         job=job, run_id=run_id, home_root=str(home.root),
         run_storage_dir=None if is_uri(storage) else str(Path(storage) / run_id),
         code_version=str(code), config_hash=config_hash(job), parent_run=parent_run,
+        registration=registration.to_dict() if registration.url else None,
     )
     manifest: dict[str, Any] = {
         "run_id": run_id, "kind": "train", "status": "running", "tenant": job.tenant.tenant,
