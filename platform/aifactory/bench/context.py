@@ -73,33 +73,22 @@ def cpu_model(cpuinfo_path: str = "/proc/cpuinfo") -> str:
 
 
 def gpu_info() -> tuple[str, int, str]:
-    """``(name, count, note)`` through NVML; ``("none", 0, reason)`` where NVML has no library or no GPU."""
-    try:
-        import pynvml
-    except ImportError:
-        return "none", 0, "nvidia-ml-py is not installed"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as err:  # NVMLError_LibraryNotFound on a machine without an NVIDIA driver
-        return "none", 0, f"NVML unavailable: {type(err).__name__}"
-    try:
-        count = pynvml.nvmlDeviceGetCount()
-        if count == 0:
-            return "none", 0, "NVML sees no GPU"
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-        return (name.decode() if isinstance(name, bytes) else str(name)), int(count), ""
-    finally:
-        pynvml.nvmlShutdown()
+    """``(name, count, note)`` through :mod:`aifactory.telemetry`; ``("none", 0, "unknown (<reason>)")`` where
+    NVML has no library, no driver or no GPU."""
+    from aifactory import telemetry
+
+    devices = telemetry.gpus(processes=False)
+    if isinstance(devices, telemetry.Unknown):
+        return "none", 0, str(devices)
+    return devices[0].name, len(devices), ""
 
 
 @lru_cache(maxsize=1)
 def hardware() -> Hardware:
-    try:
-        import psutil
+    from aifactory import telemetry
 
-        mem = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        mem = None
+    total = telemetry.known(telemetry.host_memory_bytes())
+    mem = None if total is None else round(total / 2**30, 1)
     name, count, note = gpu_info()
     return Hardware(
         cpu_model=cpu_model(), cpu_cores=os.cpu_count() or 0, memory_gib=mem, gpu_name=name, gpu_count=count,
@@ -156,31 +145,21 @@ def _load_average() -> float | None:
 
 
 class EnergyMeter:
-    """GPU energy over an interval from NVML's total-energy counters (mJ); ``None`` where there is no GPU."""
+    """GPU energy over an interval from NVML's total-energy counters; ``None`` where there is no GPU."""
 
     def __init__(self) -> None:
         self._start: list[int] | None = None
         self.note = ""
 
-    def _read(self) -> list[int] | None:
-        try:
-            import pynvml
+    def _read(self) -> list[float] | None:
+        """Each device's energy counter in joules; None (and ``note`` says why) where there is none."""
+        from aifactory import telemetry
 
-            pynvml.nvmlInit()
-        except (ImportError, Exception) as err:  # no library / no driver: energy is unavailable, not zero
-            self.note = f"NVML unavailable: {type(err).__name__}"
+        energy = telemetry.gpu_energy_j()  # no library / driver / GPU / counter: unavailable, not zero
+        if isinstance(energy, telemetry.Unknown):
+            self.note = str(energy)
             return None
-        try:
-            n = pynvml.nvmlDeviceGetCount()
-            if n == 0:
-                self.note = "NVML sees no GPU"
-                return None
-            return [pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(n)]
-        except pynvml.NVMLError as err:  # e.g. a GPU without energy counters
-            self.note = f"no NVML energy counter: {err}"
-            return None
-        finally:
-            pynvml.nvmlShutdown()
+        return energy
 
     def start(self) -> None:
         self._start = self._read()
@@ -189,4 +168,4 @@ class EnergyMeter:
         end = self._read()
         if self._start is None or end is None:
             return None
-        return sum(e - s for s, e in zip(self._start, end)) / 1000.0
+        return sum(e - s for s, e in zip(self._start, end))

@@ -41,15 +41,16 @@ class SweepOutcome:
 def ensure_serve(log: Callable[[str], None] = _stderr) -> int:
     """Serve's HTTP port on this cluster, starting Serve on 127.0.0.1 (a free port) if it is not running."""
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
+    from aifactory import ray_compat
+
+    port = ray_compat.serve_http_port()
+    if port is None:
         port = free_port()
         log(f"starting Serve on 127.0.0.1:{port}")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        client = _get_global_client()
-    return int(client.http_config.port)
+        port = ray_compat.serve_http_port()
+    return int(port)
 
 
 def _trainable(config: dict[str, Any], *, spec_json: str, env: TrialEnv) -> None:
@@ -253,6 +254,8 @@ def _decode(value: Any) -> Any:
 def _delete_apps(run_id: str) -> None:
     from ray import serve
 
+    from aifactory import ray_compat
+
     for name in list(serve.status().applications):
         if name.startswith(f"{APP_PREFIX}{run_id}-"):
-            serve.delete(name, _blocking=False)
+            ray_compat.serve_delete_nowait(name)

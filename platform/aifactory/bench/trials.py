@@ -74,6 +74,8 @@ def ensure_app(trial: TrialConfig, env: TrialEnv, build: Callable[[], Any]) -> f
     reused)."""
     from ray import serve
 
+    from aifactory import ray_compat
+
     name = app_name(env.run_id, trial.config_id)
     apps = serve.status().applications
     if name in apps and apps[name].status == "RUNNING":
@@ -83,7 +85,7 @@ def ensure_app(trial: TrialConfig, env: TrialEnv, build: Callable[[], Any]) -> f
     # replicas simply wait for the CPUs the old ones release.
     for other in list(apps):
         if other.startswith(f"{APP_PREFIX}{env.run_id}-") and other != name:
-            serve.delete(other, _blocking=False)
+            ray_compat.serve_delete_nowait(other)
     t0 = time.perf_counter()
     serve.run(build(), name=name, route_prefix=f"/{name}")
     return time.perf_counter() - t0

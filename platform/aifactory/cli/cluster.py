@@ -108,10 +108,26 @@ def _status(args: argparse.Namespace) -> int:
             "resources_total": resources["total"],
             "resources_used": resources["used"],
             "meter": cluster.meter_health(state),
+            "gpus": gpu_lines(),
         },
         args.format,
     )
     return 0
+
+
+def gpu_lines() -> str | list[str]:
+    """This node's GPUs as :mod:`aifactory.telemetry` reads them, one line each, or ``unknown (<reason>)``."""
+    from aifactory import telemetry
+
+    devices = telemetry.gpus(processes=False)
+    if isinstance(devices, telemetry.Unknown):
+        return str(devices)
+
+    def num(v, scale: float = 1.0, unit: str = "") -> str:
+        return str(v) if isinstance(v, telemetry.Unknown) else f"{v * scale:.1f}{unit}"
+
+    return [f"{d.index} {d.name}: util {num(d.util_pct, unit='%')}, memory {num(d.memory_used_bytes, 2**-30)}/"
+            f"{num(d.memory_total_bytes, 2**-30, ' GiB')}, power {num(d.power_w, unit=' W')}" for d in devices]
 
 
 def _meter(args: argparse.Namespace) -> int:

@@ -87,7 +87,14 @@ def _costs(args) -> int:
     _home, ledger, book, since = _load(args)
     records = ledger.usage(since=since, tenant=args.tenant)
     rows = cost_rows(records, book, by=args.by)
-    emit(rows, args.format)
+    if args.format == "table":  # estimated figures marked "~", with a footnote; json/csv carry the fields
+        from aifactory.cost.report import estimated_note, mark_estimated
+
+        emit(mark_estimated(rows), args.format)
+        if note := estimated_note(rows):
+            print(note)
+    else:
+        emit(rows, args.format)
     if args.format == "table" and args.tenant is None and records:
         print(capacity_line(records))
     if args.format == "table":

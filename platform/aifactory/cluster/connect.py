@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import secrets
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,22 +58,19 @@ def ray_env(home: FactoryHome, *, base: dict[str, str] | None = None) -> dict[st
 def apply_ray_env(home: FactoryHome) -> None:
     """Set :func:`ray_env` in this process (entrypoints only; the library never calls it on import).
 
-    Ray caches its auth mode and token when ``ray._raylet`` is first imported, so a driver that imported Ray
-    before this call would be refused by its own cluster (InvalidAuthToken). Refresh that cache the way
-    Ray's own ``_enable_token_auth`` and test utilities do.
+    Ray reads its loopback switch and caches its auth mode and token when it is first imported, so a driver
+    that imported Ray before this call would start its node off loopback or be refused by its own cluster
+    (InvalidAuthToken): :mod:`aifactory.ray_compat` makes that Ray re-read both.
     """
+    from aifactory import ray_compat
+
     env = ray_env(home)
     changed = any(os.environ.get(k) != env.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"))
     os.environ.update(env)
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None and env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-        # Read once at import: without this a driver that imported Ray first starts its embedded node on the
-        # machine's network address instead of 127.0.0.1 (../shared/RAY-2.60-NOTES.md, "Keep Ray on loopback").
-        constants.ENABLE_RAY_CLUSTER = False
-    raylet = sys.modules.get("ray._raylet")
-    if changed and raylet is not None:
-        raylet.Config.initialize("")
-        raylet.AuthenticationTokenLoader.instance().reset_cache()
+    if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        ray_compat.keep_imported_ray_on_loopback()
+    if changed:
+        ray_compat.refresh_auth_cache()
 
 
 def auth_headers(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -8,7 +8,6 @@ host (``ray stop`` would kill them all).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from aifactory import ray_compat, telemetry
 from aifactory.cluster.connect import LOOPBACK, auth_headers, ensure_token, ray_env, token_path
 from aifactory.exceptions import ClusterError
 from aifactory.home import FactoryHome
@@ -315,11 +315,7 @@ class LocalCluster:
         """Total and used resources (CPU, GPU, memory_gib, custom), from the dashboard's cluster status."""
         deadline = time.monotonic() + timeout_s
         while True:
-            req = urllib.request.Request(f"{state.dashboard_url}/api/cluster_status", headers=self._headers())
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                body = json.loads(resp.read())
-            report = body.get("data", {}).get("clusterStatus", {}).get("loadMetricsReport", {})
-            usage = report.get("usage") or {}
+            usage = ray_compat.cluster_usage(state.dashboard_url, self._headers())
             if usage or time.monotonic() > deadline:  # the first report arrives a few seconds after start
                 break
             time.sleep(0.5)
@@ -335,14 +331,5 @@ class LocalCluster:
 
 
 def _detect_gpus() -> int:
-    """Number of NVIDIA GPUs through NVML; 0 where no driver is present."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded on CPU machines: no GPUs
-        return 0
+    """Number of NVIDIA GPUs on this node (through :mod:`aifactory.telemetry`); 0 where NVML cannot say."""
+    return telemetry.known(telemetry.gpu_count()) or 0

@@ -71,10 +71,12 @@ class Holding:
     deployment: str = ""
     # Shared Serve deployments: tenant -> weight (e.g. processing seconds); None = all to ``tenant``.
     shares: Mapping[str, float] | None = None
+    # The sampler fell back from Ray's times to estimated edges (e.g. no GCS actor table): its records say so.
+    estimated: bool = False
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in ("holder", "tenant", "start", "end", "project", "workload",
-                                           "job_id", "deployment")}
+                                           "job_id", "deployment", "estimated")}
         d["resources"] = keys_to_json(self.resources)
         d["shares"] = dict(self.shares) if self.shares else None
         return d
@@ -267,8 +269,11 @@ def attribute(
                     held_s[(i, key)] += amount * scale * dt
             idle_s[key] += max(0.0, total - want * scale) * dt
     out: dict[tuple, float] = defaultdict(float)
+    estimated: set[str] = set()  # holders with an estimated holding in the window: all their records say so
     for (i, key), seconds in held_s.items():
         h = holdings[i]
+        if h.estimated:
+            estimated.add(h.holder)
         for tenant, project, fraction in _split(h):
             out[(tenant, project, h.workload, h.job_id, h.deployment, h.holder, key)] += seconds * fraction
     for key, seconds in idle_s.items():
@@ -282,7 +287,7 @@ def attribute(
             window_start=window_start, window_end=window_end, tenant=tenant, project=project, workload=workload,
             job_id=job_id, deployment=deployment, holder=holder, resource=Resource(resource), sku=sku,
             region=region, pricing_class=PricingClass(node_class) if node_class else pricing_class, pool=pool,
-            quantity_s=seconds,
+            quantity_s=seconds, estimated=bool(holder) and holder in estimated,
         ))
     return records
 

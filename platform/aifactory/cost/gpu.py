@@ -2,10 +2,10 @@
 
 Two halves that never mix:
 
-- :func:`read_nvml` is the only code that talks to NVML. It reads *this node's* GPUs (NVML sees no other
+- :func:`read_nvml` turns :mod:`aifactory.telemetry`'s readings of *this node's* GPUs (NVML sees no other
   node's, and ignores ``CUDA_VISIBLE_DEVICES``) into plain :class:`GpuDevice` records, or returns an
-  "unknown (...)" status and no devices where NVML is missing (no GPU, no driver). Where a reading is
-  not supported by a device it is ``None`` and stays unknown downstream.
+  "unknown (<reason>)" status and no devices where NVML is missing (no library, no driver, no GPU). Where
+  a reading is not supported by a device it is ``None`` and stays unknown downstream.
 - :func:`gpu_use` is pure: two consecutive readings of a node and the owners of its worker processes
   (from the state API: worker pid -> holder) give each holder's used GPU-seconds (utilisation x time),
   GPU memory GiB-seconds and energy in joules over the interval. Unit tests feed it records.
@@ -22,6 +22,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from aifactory import telemetry
 from aifactory.cost.sampler import GIB
 
 log = logging.getLogger("aifactory.cost")
@@ -84,63 +85,22 @@ class GpuUse:
 
 
 def read_nvml(node_id: str) -> tuple[str, list[GpuDevice]]:
-    """This node's GPUs: ("ok (N devices)", devices), or ("unknown (why)", []) where NVML cannot be used."""
-    import time
+    """This node's GPUs: ("ok (N devices)", devices), or ("unknown (why)", []) where NVML cannot be used.
 
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as err:  # noqa: BLE001 - no NVML (no GPU/driver) means "unknown", which reports show
-        return f"unknown ({type(err).__name__})", []
-    try:
-        devices = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            t = time.time()
-            util = _maybe(lambda: float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu))
-            mem = _maybe(lambda: pynvml.nvmlDeviceGetMemoryInfo(h))
-            power_mw = _maybe(lambda: pynvml.nvmlDeviceGetPowerUsage(h))
-            energy_mj = _maybe(lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h))
-            procs: dict[int, GpuProcess] = {}
-            for getter in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
-                for p in _maybe(lambda: getter(h)) or []:
-                    used = getattr(p, "usedGpuMemory", None)
-                    # NVML reports NVML_VALUE_NOT_AVAILABLE (2**64 - 1) when it may not read a process's memory
-                    used = int(used) if used is not None and used < (1 << 63) else None
-                    procs[int(p.pid)] = GpuProcess(int(p.pid), used)
-            # Per-process SM utilisation over the last ~second of samples (not on every device or driver).
-            samples = _maybe(lambda: pynvml.nvmlDeviceGetProcessUtilization(h, int((t - 1.0) * 1e6))) or []
-            sm: dict[int, float] = {}
-            for s in samples:
-                sm[int(s.pid)] = max(sm.get(int(s.pid), 0.0), float(s.smUtil))
-            for pid, pct in sm.items():
-                base = procs.get(pid, GpuProcess(pid))
-                procs[pid] = GpuProcess(pid, base.memory_bytes, pct)
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            name = pynvml.nvmlDeviceGetName(h)
-            devices.append(GpuDevice(
-                node_id=node_id, index=i, uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
-                name=name.decode() if isinstance(name, bytes) else str(name), t=t, util_pct=util,
-                memory_used_bytes=None if mem is None else int(mem.used),
-                memory_total_bytes=None if mem is None else int(mem.total),
-                power_w=None if power_mw is None else power_mw / 1000.0,
-                energy_j=None if energy_mj is None else energy_mj / 1000.0,
-                processes=tuple(sorted(procs.values(), key=lambda p: p.pid)),
-            ))
-        return f"ok ({len(devices)} devices)", devices
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _maybe(read):
-    """A reading NVML may not support on a device (NotSupported, NoPermission, NotFound): None = unknown."""
-    import pynvml
-
-    try:
-        return read()
-    except pynvml.NVMLError:
-        return None
+    The readings come from :func:`aifactory.telemetry.gpus`; one that a device does not support becomes
+    ``None`` here (the records' "unknown", which stays unknown downstream)."""
+    readings = telemetry.gpus()
+    if isinstance(readings, telemetry.Unknown):
+        return str(readings), []
+    known = telemetry.known
+    devices = [GpuDevice(
+        node_id=node_id, index=r.index, uuid=r.uuid, name=r.name, t=r.t, util_pct=known(r.util_pct),
+        memory_used_bytes=known(r.memory_used_bytes), memory_total_bytes=known(r.memory_total_bytes),
+        power_w=known(r.power_w), energy_j=known(r.energy_j),
+        processes=tuple(GpuProcess(p.pid, known(p.memory_bytes), known(p.sm_util_pct))
+                        for p in (known(r.processes) or ())),
+    ) for r in readings]
+    return f"ok ({len(devices)} devices)", devices
 
 
 def gpu_use(before: Sequence[GpuDevice], now: Sequence[GpuDevice],

@@ -41,7 +41,9 @@ def _value(r: UsageRecord, field: str) -> str:
 
 
 def cost_rows(records: Iterable[UsageRecord], book: PriceBook, *, by: str = "tenant") -> list[dict]:
-    """One row per group: resource-seconds by resource, used CPU-seconds, cost in USD, share of total."""
+    """One row per group: resource-seconds by resource, used CPU-seconds, cost in USD, share of total, and
+    ``estimated`` / ``estimated_usd``: whether (and how much of) the row's cost comes from records whose
+    edges the meter estimated (:attr:`UsageRecord.estimated`)."""
     if by not in GROUPINGS:
         raise ValueError(f"--by must be one of {sorted(GROUPINGS)}, got {by!r}")
     fields = GROUPINGS[by]
@@ -50,7 +52,8 @@ def cost_rows(records: Iterable[UsageRecord], book: PriceBook, *, by: str = "ten
     for r in records:
         key = tuple(_value(r, f) for f in fields)
         row = acc.setdefault(key, {**dict(zip(fields, key)), "cpu_s": 0.0, "gpu_s": 0.0, "memory_gib_s": 0.0,
-                                   "asic_s": 0.0, "used_cpu_s": 0.0, "cost_usd": 0.0})
+                                   "asic_s": 0.0, "used_cpu_s": 0.0, "cost_usd": 0.0, "estimated": False,
+                                   "estimated_usd": 0.0})
         col = {Resource.CPU: "cpu_s", Resource.GPU: "gpu_s", Resource.MEMORY: "memory_gib_s",
                Resource.ASIC: "asic_s"}[r.resource]
         row[col] += r.quantity_s
@@ -58,6 +61,9 @@ def cost_rows(records: Iterable[UsageRecord], book: PriceBook, *, by: str = "ten
             row["used_cpu_s"] += r.used_s
         usd = price(r, book).usd
         row["cost_usd"] += usd
+        if r.estimated:
+            row["estimated"] = True
+            row["estimated_usd"] += usd
         total += usd
     rows = sorted(acc.values(), key=lambda x: (-x["cost_usd"], tuple(str(x[f]) for f in fields)))
     for row in rows:
@@ -65,6 +71,7 @@ def cost_rows(records: Iterable[UsageRecord], book: PriceBook, *, by: str = "ten
         for k in ("cpu_s", "gpu_s", "memory_gib_s", "asic_s", "used_cpu_s"):
             row[k] = round(row[k], 3)
         row["cost_usd"] = round(row["cost_usd"], 6)
+        row["estimated_usd"] = round(row["estimated_usd"], 6)
         row["share"] = round(row["share"], 4)
     return rows
 

@@ -6,7 +6,8 @@ tracker state in a single transaction, so a collector killed mid-write either co
 did not, and a restarted one rewrites it without double counting.
 
 Schema changes are additive: a ledger written by an older factory gains the new columns with their
-defaults when opened (records from before node pools are pool ``default``), and stays readable.
+defaults when opened (records from before node pools are pool ``default``; records from before the
+``estimated`` flag are not marked estimated), and stays readable.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS usage (
     quantity_s REAL NOT NULL, used_s REAL,
     written_at REAL NOT NULL,
     pool TEXT NOT NULL DEFAULT 'default',
-    gpu_memory_gib_s REAL, energy_j REAL
+    gpu_memory_gib_s REAL, energy_j REAL,
+    estimated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_window ON usage(window_start);
 CREATE INDEX IF NOT EXISTS usage_tenant ON usage(tenant, window_start);
@@ -67,10 +69,11 @@ CREATE TABLE IF NOT EXISTS alerts (
 # UsageRecord fields, in the order rows are read back.
 _RECORD_COLS = ("window_start", "window_end", "tenant", "project", "workload", "job_id", "deployment", "holder",
                 "resource", "sku", "region", "pricing_class", "quantity_s", "used_s", "pool", "gpu_memory_gib_s",
-                "energy_j")
+                "energy_j", "estimated")
 _USAGE_COLS = ("key", *_RECORD_COLS, "written_at")
 # Columns added after the first schema: (name, SQL definition) for ALTER TABLE on older ledgers.
-_ADDED_USAGE_COLS = (("pool", "TEXT NOT NULL DEFAULT 'default'"), ("gpu_memory_gib_s", "REAL"), ("energy_j", "REAL"))
+_ADDED_USAGE_COLS = (("pool", "TEXT NOT NULL DEFAULT 'default'"), ("gpu_memory_gib_s", "REAL"), ("energy_j", "REAL"),
+                     ("estimated", "INTEGER NOT NULL DEFAULT 0"))
 
 # serve_usage columns added later: answered (2xx) and rejected (429) requests; NULL on rows of older ledgers.
 _ADDED_SERVE_COLS = (("answered", "REAL"), ("rejected", "REAL"))
@@ -138,7 +141,7 @@ class Ledger:
         rows = [
             (r.key, r.window_start, r.window_end, r.tenant, r.project, r.workload, r.job_id, r.deployment,
              r.holder, r.resource.value, r.sku, r.region, r.pricing_class.value, r.quantity_s, r.used_s, r.pool,
-             r.gpu_memory_gib_s, r.energy_j, now)
+             r.gpu_memory_gib_s, r.energy_j, int(r.estimated), now)
             for r in records
         ]
         before = db.total_changes

@@ -12,7 +12,9 @@ Holders, each counted once:
   the collector's cursor with their exact start and end (tasks shorter than the sampling period are
   never seen running);
 All Serve replicas belong to the job that started Serve, so replicas are named by deployment.
-Untagged jobs map to ``unattributed``. Used CPU comes from psutil for processes on this node.
+Untagged jobs map to ``unattributed``. Used CPU comes from :mod:`aifactory.telemetry` for processes on this node.
+Where the GCS actor table (:func:`aifactory.ray_compat.actor_times`) cannot be read, actors' edges are
+estimated by the tracker and their holdings are marked ``estimated`` (so are the usage records they give).
 
 Every holding is keyed by the node it sits on: the node's pool and pricing class come from its Ray node
 labels ``aifactory.io/pool`` / ``aifactory.io/pricing-class`` (the state API's node ``labels``, set by
@@ -27,6 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from aifactory import ray_compat, telemetry
 from aifactory.cost.attribution import Holding, ResourceKey, resource_key
 from aifactory.cost.records import (
     DEFAULT_POOL, POOL_LABEL, PRICING_CLASS_LABEL, SKU_CPU, SKU_MEMORY, SKU_UNKNOWN_GPU, PricingClass,
@@ -183,6 +186,8 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
 
     actors = state.list_actors(detail=True, limit=10000, **kw)
     times = actor_times()
+    estimated = times is None  # no GCS actor times: the tracker estimates actors' edges
+    times = times or {}
     serve_apps = set()
     for a in actors:
         name = a.name or ""
@@ -236,7 +241,7 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
             serve_apps.add(app)
         holdings.append(Holding(holder, tags.tenant, res, start=start, end=end, project=tags.project,
                                 workload="serve" if deployment else tags.workload,
-                                job_id=a.job_id or "", deployment=deployment))
+                                job_id=a.job_id or "", deployment=deployment, estimated=estimated))
 
     for pg in state.list_placement_groups(detail=True, limit=10000, **kw):
         if pg.state != "CREATED":
@@ -306,27 +311,17 @@ def declared_of(metadata: Mapping[str, str] | None) -> dict[str, float]:
     return out
 
 
-def actor_times() -> dict[str, tuple[float | None, float | None]]:
-    """actor id -> (start, end) in Unix seconds (None: not yet / not known) from the GCS actor table.
-
-    The state API's ``list_actors`` has no times; the GCS actor table has them (Ray's debugging accessor
-    ``ray._private.state.actors``). Where this process is no Ray driver or the accessor fails, actors get
-    the tracker's midpoint estimates (logged), as before.
+def actor_times() -> dict[str, tuple[float | None, float | None]] | None:
+    """actor id -> (start, end) in Unix seconds (None: not yet / not known) from the GCS actor table, or
+    None where it cannot be read (:func:`aifactory.ray_compat.actor_times`: the state API's ``list_actors``
+    has no times). Then actors get the tracker's midpoint estimates, logged, and their records are marked
+    ``estimated``.
     """
     try:
-        import ray
-        from ray._private import state as gcs_state
-
-        if not ray.is_initialized():
-            return {}
-        table = gcs_state.actors()
-    except Exception as err:  # noqa: BLE001 - a private accessor: fall back to estimated edges, loudly
-        log.warning("no actor start/end times from the GCS actor table (%s: %s): actors get estimated edges",
-                    type(err).__name__, err)
-        return {}
-    return {aid: (row.get("StartTime") / 1000.0 if row.get("StartTime") else None,
-                  row.get("EndTime") / 1000.0 if row.get("EndTime") else None)
-            for aid, row in table.items()}
+        return ray_compat.actor_times()
+    except ray_compat.RayCompatError as err:
+        log.warning("%s: actors get estimated edges, their usage records are marked estimated", err)
+        return None
 
 
 def task_holdings(tasks, *, keys, tags_of, finished_since: float | None = None):
@@ -389,35 +384,11 @@ def _with_shares(h: Holding, usage: Mapping, last: Mapping) -> Holding:
 
 
 def cpu_seconds(pids: list[int]) -> float | None:
-    """User + system CPU seconds of ``pids`` and their live children; None if none can be read."""
-    import psutil
-
-    total, seen = 0.0, False
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            procs = [p, *p.children(recursive=True)]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for proc in procs:
-            try:
-                ct = proc.cpu_times()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            total += ct.user + ct.system
-            seen = True
-    return total if seen else None
+    """User + system CPU seconds of ``pids`` and their live children (:func:`aifactory.telemetry.cpu_seconds`);
+    None (unknown, the record's ``used_s`` stays null) if none can be read."""
+    return telemetry.known(telemetry.cpu_seconds(pids))
 
 
 def gpu_status() -> str:
-    """NVML on this node: "ok (N devices)" or why GPU usage is "unknown"."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return f"ok ({pynvml.nvmlDeviceGetCount()} devices)"
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as err:  # noqa: BLE001 - any NVML failure means "unknown", which reports show
-        return f"unknown ({type(err).__name__})"
+    """NVML on this node: "ok (N devices)" or "unknown (<reason>)" (:func:`aifactory.telemetry.gpu_status`)."""
+    return telemetry.gpu_status()

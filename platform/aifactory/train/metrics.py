@@ -8,7 +8,6 @@ entry is a nominal peak (cores x clock x FLOPs/cycle of the vector units); it sa
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import time
@@ -70,14 +69,10 @@ def mfu(*, tokens_per_s: float, flops_per_token: float, peak: float | None) -> f
 
 
 def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import psutil
+    """Current resident set size of this process (:func:`aifactory.telemetry.rss_bytes`; 0 if unknown)."""
+    from aifactory import telemetry
 
-        return psutil.Process().memory_info().rss
+    return telemetry.known(telemetry.rss_bytes()) or 0
 
 
 def _vm_hwm_bytes() -> int | None:
