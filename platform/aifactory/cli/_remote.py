@@ -93,7 +93,9 @@ def costs(args: argparse.Namespace) -> int:
     if getattr(args, "ledger", None) or getattr(args, "pricebook", None):
         raise ConfigError("factory costs through the control API",
                           ["--ledger/--pricebook: the control API prices from the cluster's own ledger"])
-    emit(_client().costs(by=args.by, since=args.since, tenant=args.tenant), args.format)
+    from aifactory.cli.costs import emit_costs
+
+    emit_costs(_client().costs(by=args.by, since=args.since, tenant=args.tenant), args.format)
     return 0
 
 

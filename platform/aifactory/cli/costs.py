@@ -87,14 +87,7 @@ def _costs(args) -> int:
     _home, ledger, book, since = _load(args)
     records = ledger.usage(since=since, tenant=args.tenant)
     rows = cost_rows(records, book, by=args.by)
-    if args.format == "table":  # estimated figures marked "~", with a footnote; json/csv carry the fields
-        from aifactory.cost.report import estimated_note, mark_estimated
-
-        emit(mark_estimated(rows), args.format)
-        if note := estimated_note(rows):
-            print(note)
-    else:
-        emit(rows, args.format)
+    emit_costs(rows, args.format)
     if args.format == "table" and args.tenant is None and records:
         print(capacity_line(records))
     if args.format == "table":
@@ -102,6 +95,18 @@ def _costs(args) -> int:
             if args.tenant is None or a["tenant"] == args.tenant:
                 print(f"alert ({a['kind']}): tenant {a['tenant']}: {a['message']}")
     return 0
+
+
+def emit_costs(rows: list[dict], fmt: str) -> None:
+    """Cost rows as a table (estimated figures marked "~", with a footnote) or as JSON/CSV (the fields)."""
+    if fmt != "table":
+        emit(rows, fmt)
+        return
+    from aifactory.cost.report import estimated_note, mark_estimated
+
+    emit(mark_estimated(rows), fmt)
+    if note := estimated_note(rows):
+        print(note)
 
 
 def capacity_line(records) -> str:
