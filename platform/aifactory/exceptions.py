@@ -8,6 +8,7 @@ Errors that carry fields define ``__reduce__`` so that they survive crossing Ray
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -17,6 +18,17 @@ def error_line(error: BaseException | None, default: str = "") -> str:
         return default
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def one_line(text: str) -> str:
+    """A multi-line failure (Ray hands back a remote traceback in the message) as one line naming its cause:
+    the first line, then the last ``Type: message`` line of the traceback, the exception that caused it."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    causes = [ln for ln in lines[1:] if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failed)\b:?", ln)]
+    head = lines[0].rstrip(":")
+    return f"{head}: {causes[-1]}" if causes else head
 
 
 class FactoryError(Exception):

@@ -91,7 +91,7 @@ def test_the_default_body_limits_hold_the_largest_request_the_other_limits_allow
     args = EmbeddingsArgs()
     raw = json.dumps({"model": args.model_id, "input": ["x" * args.max_input_chars] * args.max_inputs}).encode()
     assert len(parse_body(EmbeddingRequest, raw, max_body_bytes=args.max_body_bytes).inputs()) == args.max_inputs
-    limits = Limits()
+    limits = Limits().fit(seq_len=1 << 16)  # token limits default from the model: the longest context GPTConfig allows
     prompt = "\u00e9" * limits.max_prompt_tokens  # the most bytes per token: \uXXXX escapes
     raw = json.dumps(BASE | {"prompt": prompt, "stop": ["s" * 128] * 4}).encode()
     assert parse_body(CompletionRequest, raw, max_body_bytes=limits.max_body_bytes).prompt == prompt

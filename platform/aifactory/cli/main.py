@@ -48,12 +48,34 @@ def main(argv: list[str] | None = None) -> int:
         with results_only_on_stdout(getattr(args, "format", None) in ("json", "csv")):
             rc = args.func(args)
     except FactoryError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line_logged(err, args)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _one_line_logged(err: FactoryError, args) -> str:
+    """The error as one line naming its cause; a longer message (a Ray-side traceback) goes whole to
+    ``<home>/logs/errors.log``, whose path the line names."""
+    import time
+
+    from aifactory.exceptions import ConfigError, one_line
+    from aifactory.home import FactoryHome
+
+    text = str(err)
+    if isinstance(err, ConfigError) or "\n" not in text.strip():
+        return text  # a config's problems are listed in full: the user fixes them all in one go
+    line = one_line(text)
+    try:
+        path = FactoryHome.from_env(getattr(args, "home", None)).root / "logs" / "errors.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} factory {' '.join(sys.argv[1:])}\n{text}\n")
+    except OSError as log_err:  # the line still names the cause; say why the rest is not kept
+        return f"{line} (full message not logged: {log_err})"
+    return f"{line} (full message in {path})"
 
 
 if __name__ == "__main__":  # pragma: no cover

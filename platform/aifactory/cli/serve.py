@@ -96,19 +96,21 @@ def _deploy(args) -> int:
 
     if _remote.via_api(args):
         return _remote.serve_deploy(args)
-    home, rest = _rest(args)
+    home = home_of(args)
     tenant = tenant_of(args)
     if args.app == "completions":
         overrides = {"model_name": args.model or _default_model(home), "model_version": args.version,
                      "home": str(home.root)}
         app_args = (load_config(CompletionsArgs, args.config, overrides=overrides) if args.config
                     else CompletionsArgs(**{k: v for k, v in overrides.items() if v is not None}))
+        app_args = _fit_to_model(home, app_args)  # here, not in Serve's build task: nothing starts on bad args
         entry = deploy.completions_entry(app_args, name=args.name or "completions",
                                          route_prefix=f"/{args.name or 'completions'}")
     else:
         app_args = load_config(EmbeddingsArgs, args.config) if args.config else EmbeddingsArgs()
         entry = deploy.embeddings_entry(app_args, name=args.name or "embeddings",
                                         route_prefix=f"/{args.name or 'embeddings'}")
+    _, rest = _rest(args)  # the cluster only once the args are known to fit
     progress(f"deploying {entry['name']} ({entry['import_path']}) ...")
     # An operator's app without --tenant is the platform's own: launched, recorded and metered like any.
     app = deploy.launch_app(rest, entry, app_args, home=home, tenant=tenant or TenantRef(tenant=PLATFORM_TENANT),
@@ -117,6 +119,17 @@ def _deploy(args) -> int:
                                                          "model": entry["args"].get("model_name")})
     emit(deploy.status(rest), args.format)
     return 0 if app.get("status") == "RUNNING" else 1
+
+
+def _fit_to_model(home, app_args):
+    """The completions args checked against the model versions they serve, before anything is deployed: token
+    limits left unset default from the model's seq_len, set ones must fit it (ConfigError naming the fields)."""
+    from aifactory.registry import ModelRegistry
+
+    registry = ModelRegistry(home)
+    versions = [app_args.model_version] + ([app_args.canary_version] if app_args.canary_version else [])
+    configs = [registry.get(app_args.model_name, v).model_config for v in versions]
+    return app_args.fitted_to(min(configs, key=lambda c: int(c.get("seq_len") or 0)))
 
 
 def _default_model(home) -> str:

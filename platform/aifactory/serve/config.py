@@ -157,13 +157,37 @@ class CacheConfig(StrictModel):
 
 
 class Limits(StrictModel):
-    """Request limits checked before any model work (violations answer 400 naming the field)."""
+    """Request limits checked before any model work (violations answer 400 naming the field).
 
-    max_prompt_tokens: int = Field(192, ge=1, description="Longest prompt, in tokens.")
-    max_tokens: int = Field(64, ge=1, description="Largest max_tokens a request may ask for.")
+    The token limits default from the served model (:meth:`fit`): a prompt and its answer must fit in the
+    model's ``seq_len`` positions, so fixed defaults (once 192 + 64) broke every model with a shorter context
+    (the tiny recipe's 128)."""
+
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt, in tokens; null = the served model's seq_len minus max_tokens.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Largest max_tokens a request may ask for; null = what max_prompt_tokens leaves of "
+        "the served model's seq_len (a quarter of it when both are null), at most 64.")
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest request body, in bytes (larger answers 413 before it is parsed)."
     )
+
+
+    def fit(self, seq_len: int) -> Limits:
+        """These limits for a model of ``seq_len`` positions: unset token limits derived from it, set ones checked
+        against it (a ConfigError naming the fields when they do not fit)."""
+        max_tokens, prompt = self.max_tokens, self.max_prompt_tokens
+        if max_tokens is None:  # what the prompt leaves, else a quarter of the context; at most 64 either way
+            max_tokens = max(1, min(64, seq_len // 4 if prompt is None else seq_len - prompt))
+        if prompt is None:
+            prompt = seq_len - max_tokens
+        if prompt < 1 or prompt + max_tokens > seq_len:
+            from aifactory.exceptions import ConfigError
+
+            raise ConfigError("completions args", [
+                f"limits: max_prompt_tokens ({prompt}) + max_tokens ({max_tokens}) exceeds the served model's "
+                f"seq_len ({seq_len}); lower them, or leave them unset to fit the model"])
+        return self.model_copy(update={"max_prompt_tokens": prompt, "max_tokens": max_tokens})
 
 
 INGRESS_NUM_CPUS = 0.25
@@ -183,7 +207,8 @@ class CompletionsArgs(StrictModel):
     canary: SLOClassConfig = Field(default_factory=interactive_class, description="The canary deployment.")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig, description="Rate limits, timeouts.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Caches.")
-    limits: Limits = Field(default_factory=Limits, description="Request limits.")
+    limits: Limits = Field(default_factory=Limits, description="Request limits (token limits default from the "
+                           "served model's seq_len).")
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant (auth 'header' only).")
     auth: Literal["header", "factory-keys"] = Field(
         "header",
@@ -197,6 +222,13 @@ class CompletionsArgs(StrictModel):
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests per ingress replica.")
     ingress_max_queued_requests: int = Field(512, ge=1, description="Requests waiting for the ingress.")
     default_slo_class: Literal["interactive", "batch"] = Field("interactive", description="Class without a header.")
+
+    def fitted_to(self, model_config: dict) -> CompletionsArgs:
+        """These args for the model they serve (a registry version's ``model_config``): see :meth:`Limits.fit`."""
+        from aifactory.models.config import GPTConfig
+
+        seq_len = int(model_config.get("seq_len") or GPTConfig().seq_len)
+        return self.model_copy(update={"limits": self.limits.fit(seq_len)})
 
     def resources(self):
         """What the app holds at its peak: each model deployment's max replicas x CPUs per replica, plus the

@@ -538,13 +538,10 @@ def build(args: CompletionsArgs):
     registry = ModelRegistry(home)
     stable = registry.get(args.model_name, args.model_version).version
     canary = registry.get(args.model_name, args.canary_version).version if args.canary_version else None
-    seq_len = int(registry.get(args.model_name, stable).model_config.get("seq_len", 0))
-    if seq_len and args.limits.max_prompt_tokens + args.limits.max_tokens > seq_len:
-        from aifactory.exceptions import ConfigError
-
-        raise ConfigError("completions args", [
-            f"limits: max_prompt_tokens ({args.limits.max_prompt_tokens}) + max_tokens ({args.limits.max_tokens}) "
-            f"exceeds the model's seq_len ({seq_len})"])
+    # Token limits default from the model (`factory serve deploy` resolved and checked them already).
+    # Both versions serve the same requests: the limits fit the shorter context.
+    configs = [registry.get(args.model_name, v).model_config for v in filter(None, (stable, canary))]
+    args = args.fitted_to(min(configs, key=lambda c: int(c.get("seq_len") or 0)))
     args = args.model_copy(update={"model_version": stable, "canary_version": canary})
     common = {"registry": home.registry, "model_name": args.model_name, "cache": args.cache.model_dump(),
               "torch_threads": int(os.environ.get("AIFACTORY_SERVE_TORCH_THREADS", "1"))}
