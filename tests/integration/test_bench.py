@@ -61,7 +61,7 @@ def test_records_read_back_and_serve_apps_are_removed(smoke_run):
 
     outcome, home, _ = smoke_run
     run, trials = ResultStore(home).get(outcome.run.run_id)
-    assert run.run_id == outcome.run.run_id and run.tenant == "bench-team" and run.schema_version == 1
+    assert run.run_id == outcome.run.run_id and run.tenant == "bench-team" and run.schema_version == 2
     assert [t.model_dump() for t in trials] == [t.model_dump() for t in outcome.trials]
     deadline = time.monotonic() + 60
     while any(a.startswith(f"bench-{run.run_id}") for a in serve.status().applications):
