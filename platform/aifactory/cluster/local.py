@@ -142,12 +142,6 @@ class LocalCluster:
 
         create_signing_key(self.home)
         env[PUBLIC_KEY_ENV] = public_key_pem(self.home, from_env=False).decode()
-        # The control plane's signing key, created here and only here (never on first use by a worker); every
-        # Ray process gets the public half to verify models with (aifactory.security.signing).
-        from aifactory.security.signing import PUBLIC_KEY_ENV, create_signing_key, public_key_pem
-
-        create_signing_key(self.home)
-        env[PUBLIC_KEY_ENV] = public_key_pem(self.home, from_env=False).decode()
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(token_path(self.home))
         env.pop("RAY_AUTH_TOKEN", None)
