@@ -61,14 +61,13 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from aifactory.data.feed import iter_token_batches, read_deterministic
     from aifactory.data.store import DatasetStore
     from aifactory.data.tokenizer import PAD
     from aifactory.home import FactoryHome
     from aifactory.optimize.gate import load_registered
     from aifactory.registry import ModelRegistry
     from aifactory.train import checkpoint as ckpt
-    from aifactory.train.loop import lr_at
+    from aifactory.train.loop import adamw, deterministic_batches, optimizer_step
     from aifactory.models.build import build_sharded
     from aifactory.train.parallel import autocast_context, current_device, pin_cpu_malloc_threshold
 
@@ -90,46 +89,23 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     student = build_sharded(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device,
                             seed=job.seed)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = job.optimizer
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opt.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=opt.lr, betas=opt.betas)
-
-    def batches():
-        epoch = 0
-        while True:
-            ds = read_deterministic(version, "train", rank=rank, world_size=world, seed=job.seed, epoch=epoch, checksum=False)
-            n = 0
-            for tokens, wait_s in iter_token_batches(ds, batch_size=job.data.batch_size,
-                                                     prefetch_batches=job.data.prefetch_batches, drop_last=True):
-                n += 1
-                yield tokens, wait_s
-            if n == 0:
-                raise RuntimeError(f"rank {rank}: {version.version} has no full batch of {job.data.batch_size}")
-            epoch += 1
+    optimizer = adamw(params, job.optimizer)
 
     student.train()
-    feed = batches()
+    feed = deterministic_batches(version, job, rank=rank, world=world)
     losses: list[dict[str, float]] = []
     wait_total = compute_total = 0.0
     t_start = time.perf_counter()
     for step in range(1, job.steps + 1):
         tokens, wait_s = next(feed)
         t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr=opt.lr, warmup_steps=opt.warmup_steps, total_steps=job.steps,
-                                min_lr_ratio=opt.min_lr_ratio)
         x, y = tokens[:, :seq_len].to(dev.device), tokens[:, 1 : seq_len + 1].to(dev.device)
         with torch.no_grad():
             teacher_logits = teacher(x)
         with autocast_context(sharding=job.sharding, precision=job.precision, device=dev.device):
             logits = student(x)
         loss, soft, hard = distill_loss(logits, teacher_logits, y, temperature=spec.temperature, alpha=spec.alpha, pad=PAD)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, params, loss, step=step, job=job)
         losses.append({"step": step, "loss": loss.item(), "soft": soft.item(), "hard": hard.item()})
         wait_total += wait_s
         compute_total += time.perf_counter() - t0

@@ -57,6 +57,58 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_r
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+# ---- the parts every trainer of the factory shares (training; distillation is another loss over them) ----
+
+def adamw(params, opt_cfg):
+    """AdamW with decoupled weight decay on matrices only (norms and biases are not decayed)."""
+    import torch
+
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opt_cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=opt_cfg.lr, betas=opt_cfg.betas,
+    )
+
+
+def deterministic_batches(version, job: TrainJob, *, rank: int, world: int, skip: int = 0):
+    """``(tokens, wait_s)`` of this rank's training batches, epoch after epoch, in the data plane's
+    deterministic order; the first ``skip`` (consumed before a resume) are dropped."""
+    from aifactory.data.feed import iter_token_batches, read_deterministic
+
+    epoch = 0
+    while True:
+        ds = read_deterministic(version, "train", rank=rank, world_size=world, seed=job.seed, epoch=epoch, checksum=False)
+        n = 0
+        for tokens, wait_s in iter_token_batches(ds, batch_size=job.data.batch_size,
+                                                 prefetch_batches=job.data.prefetch_batches, drop_last=True):
+            n += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            yield tokens, wait_s
+        if n == 0:
+            raise RuntimeError(f"rank {rank}: epoch {epoch} of {version.version} has no full batch of {job.data.batch_size}")
+        epoch += 1
+
+
+def optimizer_step(optimizer, params, loss, *, step: int, job: TrainJob) -> float:
+    """One update from ``loss``: the warmup + cosine learning rate of ``step``, backward, clip, step.
+    Returns the learning rate used. The loss is the trainer's own (cross-entropy, distillation, ...)."""
+    import torch
+
+    opt_cfg = job.optimizer
+    lr = lr_at(step, lr=opt_cfg.lr, warmup_steps=opt_cfg.warmup_steps, total_steps=job.steps,
+               min_lr_ratio=opt_cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if opt_cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
+    optimizer.step()
+    return lr
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
@@ -90,12 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Built on the meta device and initialised shard by shard: no rank materialises the full fp32 model.
     model = build_sharded(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device, seed=job.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_cfg = job.optimizer
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opt_cfg.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=opt_cfg.lr, betas=opt_cfg.betas,
-    )
+    optimizer = adamw(params, job.optimizer)
     autocast = lambda: autocast_context(sharding=job.sharding, precision=job.precision, device=dev.device)  # noqa: E731
 
     # ---- resume ---------------------------------------------------------------------------------------
@@ -120,22 +167,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["restarts"].append({"from_step": resume[0], "path": str(resume[1]), "at": time.time()})
 
     # ---- data -----------------------------------------------------------------------------------------
-    def train_batches(skip: int):
-        epoch = 0
-        while True:
-            ds = read_deterministic(version, "train", rank=rank, world_size=world, seed=job.seed, epoch=epoch, checksum=False)
-            n = 0
-            for tokens, wait_s in iter_token_batches(ds, batch_size=job.data.batch_size,
-                                                     prefetch_batches=job.data.prefetch_batches, drop_last=True):
-                n += 1
-                if skip > 0:
-                    skip -= 1
-                    continue
-                yield tokens, wait_s
-            if n == 0:
-                raise RuntimeError(f"rank {rank}: epoch {epoch} of {version.version} has no full batch of {job.data.batch_size}")
-            epoch += 1
-
     val_all = []
     for tokens, _ in iter_token_batches(read_deterministic(version, "validation", checksum=False),
                                         batch_size=job.data.batch_size, prefetch_batches=1, drop_last=True):
@@ -190,7 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model.train()
     memory.start()  # setup is done: from here on the peak is the training steps' (checkpoint saves excluded)
-    batches = train_batches(skip=state["step"])
+    batches = deterministic_batches(version, job, rank=rank, world=world, skip=state["step"])
     for step in range(state["step"] + 1, job.steps + 1):
         if job.faults.kill_rank == rank and job.faults.kill_at_step == step and not fault_marker.exists():
             fault_marker.parent.mkdir(parents=True, exist_ok=True)
@@ -198,16 +229,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         tokens, wait_s = next(batches)
         t0 = time.perf_counter()
-        lr = lr_at(step, lr=opt_cfg.lr, warmup_steps=opt_cfg.warmup_steps, total_steps=job.steps,
-                   min_lr_ratio=opt_cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         loss, _ = loss_of(tokens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt_cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, opt_cfg.grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, params, loss, step=step, job=job)
         loss_value = loss.item()  # syncs, so compute time is real
         compute_s = time.perf_counter() - t0
         meter.record(wait_s=wait_s, compute_s=compute_s)
