@@ -55,3 +55,14 @@ def test_a_crashing_stage_is_one_line_on_the_terminal_and_its_traceback_in_the_l
     assert "[1/1] boom: FAILED: KeyError: 'deep inside a stage' (traceback in the log)" in lines
     assert "Traceback" not in terminal
     assert "Traceback (most recent call last)" in log and "in boom" in log
+
+
+def test_a_run_log_handed_to_another_process_pickles(tmp_path):
+    # The bench stage hands ctx.log to Ray Tune, which pickles the trainable with it (issue seen in make run).
+    terminal, log = _run(tmp_path, """
+        from ray import cloudpickle
+        with RunLog(log_path) as run_log:
+            say = cloudpickle.loads(cloudpickle.dumps(run_log.say))
+            say("a line from a Tune trial")
+    """)
+    assert "a line from a Tune trial" in log and "a line from a Tune trial" not in terminal

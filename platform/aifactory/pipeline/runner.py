@@ -78,6 +78,25 @@ class RunLog:
     def say(self, msg: str = "") -> None:
         self.write(msg + "\n")
 
+    def __reduce__(self):
+        # A stage may hand ``ctx.log`` to Ray (the bench stage's sweep: Tune pickles the trainable and its
+        # closure). Open files do not pickle; on the far side a line goes to that process's stdout, which
+        # Ray forwards to the driver, and so into this log.
+        return (_ForwardedLog, ())
+
+
+class _ForwardedLog:
+    """What a :class:`RunLog` becomes in another process: lines to its stdout."""
+
+    def say(self, msg: str = "") -> None:
+        print(msg, flush=True)
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
 
 @dataclass
 class RunContext:

@@ -52,8 +52,8 @@ def serve_stage(ctx: RunContext) -> StageResult:
     app = f"run-{ctx.tenant.tenant}-{uuid.uuid4().hex[:8]}"  # this run's own application, no one else's
     t0 = time.monotonic()
     try:
-        deploy.launch_app(rest, deploy.completions_entry(args, name=app, route_prefix=f"/{app}"), args, home=ctx.home, tenant=ctx.tenant,
-                          http_port=port, wait_s=180)
+        deploy.launch_app(rest, deploy.completions_entry(args, name=app, route_prefix=f"/{app}"), args,
+                          home=ctx.home, tenant=ctx.tenant, http_port=port, wait_s=180)
         deploy_s = time.monotonic() - t0
         ctx.log(f"  serve: {name}:{version} deployed in {deploy_s:.1f}s on http://127.0.0.1:{port}/{app}")
         base = f"http://127.0.0.1:{port}/{app}"
