@@ -188,7 +188,8 @@ def test_register_route_stamps_the_key_tenant_and_names_bad_fields(home, weights
     a_key = keys.create(tenant="a", actor="ops").secret
     admin = keys.create(tenant=None, role="admin", actor="ops").secret
     client = TestClient(create_app(home))
-    blob = open(weights, "rb").read() * 1024  # 2 MiB: over the JSON bodies' 1 MiB, within the weights' bound
+    # 2 MiB (over the JSON bodies' 1 MiB, within the weights' bound) of bytes that would read as JSON nested 64 deep
+    blob = b"[" * 64 + open(weights, "rb").read() * 1024
     meta = dict(name="gpt-tiny", model_config={"d": 1}, manifest={"tenant": "b"})
 
     def post(key=None, body=blob, **over):
