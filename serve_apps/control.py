@@ -26,6 +26,10 @@ class ControlArgs(StrictModel):
     address: str | None = Field(default=None, description="Ray cluster; default the home's `factory up` cluster.")
     num_replicas: int = Field(default=1, ge=1, le=16, description="Replicas of the control API.")
     num_cpus: float = Field(default=0.1, ge=0, description="Logical CPUs per replica (it mostly waits on I/O).")
+    tenant_apps: dict[str, Any] = Field(default_factory=dict, description="CompletionsArgs fields every tenant's "
+                                        "app gets (sizes, caches): the operator's choice, not the tenant's.")
+    rate_rps: float = Field(default=20.0, gt=0, description="Requests per second per API key (then 429).")
+    rate_burst: int = Field(default=60, ge=1, description="Burst of requests per API key.")
 
 
 def app_builder(args: ControlArgs | dict[str, Any] | None = None):
@@ -37,14 +41,15 @@ def app_builder(args: ControlArgs | dict[str, Any] | None = None):
                       ray_actor_options={"num_cpus": cfg.num_cpus}, max_ongoing_requests=32)
     @serve.ingress()
     class ControlAPI:
-        def __init__(self, home: str | None, address: str | None):
-            self.home, self.address = home, address
+        def __init__(self, home: str | None, address: str | None, options: dict[str, Any] | None = None):
+            self.home, self.address, self.options = home, address, options or {}
 
         def __serve_build_asgi_app__(self):
             # Built on the replica: the app holds a SQLite key store and the cluster token, never pickled.
             from aifactory.control.app import create_app
             from aifactory.home import FactoryHome
 
-            return create_app(FactoryHome.from_env(self.home), address=self.address)
+            return create_app(FactoryHome.from_env(self.home), address=self.address, **self.options)
 
-    return ControlAPI.bind(cfg.home, cfg.address)
+    options = {"tenant_app_defaults": cfg.tenant_apps, "rate": (cfg.rate_rps, cfg.rate_burst)}
+    return ControlAPI.bind(cfg.home, cfg.address, options)

@@ -100,3 +100,56 @@ def serve_http_port(ray_driver) -> int:
     port = ensure_serve(log=lambda msg: None)
     yield port
     serve.shutdown()
+
+
+@dataclass(frozen=True)
+class ControlAPI:
+    url: str
+    home: str
+    serve_port: int
+
+    def key(self, tenant: str | None, name: str = "itest") -> str:
+        """A fresh API key (admin when ``tenant`` is None) in the session home's real key store."""
+        from aifactory.home import FactoryHome
+        from aifactory.security.apikeys import KeyStore
+
+        store = KeyStore(FactoryHome.from_env(self.home))
+        if tenant is None:
+            return store.create(tenant=None, role="admin", name=name).secret
+        return store.create(tenant=tenant, name=name).secret
+
+
+# Tenants' apps deployed through this control API are tiny: small CPU shares, one replica per class.
+TINY_TENANT_APPS = {
+    cls: {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1, "slo_aware": False}}
+    for cls in ("interactive", "batch", "canary")
+}
+
+
+@pytest.fixture(scope="session")
+def control_api(ray_driver, serve_http_port) -> ControlAPI:
+    """The control API on the session's Serve (one replica, tiny tenant apps), for the modules that probe it.
+    Deployed once per session (a few seconds); removed at the end, Serve and other apps untouched."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from serve_apps.control import app_builder
+
+    name, prefix = "itest-control", "/itest-control"
+    # A high per-key rate: the probes here must reach the routes (the 429 path is unit-tested).
+    serve.run(app_builder({"home": ray_driver.home, "tenant_apps": TINY_TENANT_APPS, "rate_rps": 1000,
+                           "rate_burst": 1000}), name=name,
+              route_prefix=prefix)
+    url = f"http://127.0.0.1:{serve_http_port}{prefix}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield ControlAPI(url=url, home=ray_driver.home, serve_port=serve_http_port)
+    serve.delete(name)

@@ -50,6 +50,9 @@ class ControlState:
     address: str | None = None
     rate: tuple[float, int] = (20.0, 60)  # requests/s and burst per API key
     auth_failure_rate: tuple[float, int] = (20.0, 200)  # failed authentications/s and burst per client address
+    # The operator's sizing of tenants' apps (CompletionsArgs fields: interactive, batch, canary, cache, ...);
+    # a tenant chooses the model, never the resources or the auth mode.
+    tenant_app_defaults: dict[str, Any] = field(default_factory=dict)
     keys: KeyStore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -201,9 +204,11 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(home: FactoryHome | None = None, *, address: str | None = None,
-               rate: tuple[float, int] = (20.0, 60), max_body_bytes: int | None = None) -> FastAPI:
+               rate: tuple[float, int] = (20.0, 60), max_body_bytes: int | None = None,
+               tenant_app_defaults: dict[str, Any] | None = None) -> FastAPI:
     """The control API for ``home`` (default: ``AIFACTORY_HOME``) and the cluster at ``address``; ``rate``:
-    requests/s and burst per API key; ``max_body_bytes``: the largest request body (default 1 MiB)."""
+    requests/s and burst per API key; ``max_body_bytes``: the largest request body (default 1 MiB);
+    ``tenant_app_defaults``: CompletionsArgs fields every tenant's app gets (sizes, caches)."""
     from aifactory.control.guard import MAX_BODY_BYTES, InputGuard
 
     from aifactory.control import routes_admin, routes_jobs, routes_registry, routes_serve
@@ -218,7 +223,8 @@ def create_app(home: FactoryHome | None = None, *, address: str | None = None,
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.control = ControlState(home=home or FactoryHome.from_env(), address=address, rate=rate)
+    app.state.control = ControlState(home=home or FactoryHome.from_env(), address=address, rate=rate,
+                                     tenant_app_defaults=dict(tenant_app_defaults or {}))
     from aifactory.registry.service import MAX_WEIGHTS_BYTES
 
     app.add_middleware(InputGuard, max_body_bytes=max_body_bytes or MAX_BODY_BYTES,

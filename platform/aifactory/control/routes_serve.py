@@ -126,8 +126,9 @@ def deploy_app(body: ServeDeployBody, request: Request, principal: CurrentPrinci
     app, route = f"{tenant}.{body.name}", f"/t/{tenant}/{body.name}"
     # A tenant's app answers only that tenant's factory API keys: Serve's HTTP port is reachable without the
     # control API, so the app itself must not take an X-Tenant header's word or serve another tenant.
-    args = CompletionsArgs(model_name=mv.qualified_name, model_version=mv.version, home=str(home.root),
-                           auth="factory-keys", tenants=[tenant])
+    args = CompletionsArgs.model_validate({**state_of(request).tenant_app_defaults, "model_name": mv.qualified_name,
+                                           "model_version": mv.version, "home": str(home.root),
+                                           "auth": "factory-keys", "tenants": [tenant]})
     status = launch_app(_rest(request), completions_entry(args, name=app, route_prefix=route), args, home=home,
                         tenant=TenantRef(tenant=tenant), actor=principal.actor)
     audit.record(home, actor=principal.actor, action="serve.deploy", target=app, tenant=tenant,
@@ -253,4 +254,4 @@ def flush_cache(app: AppName, request: Request, principal: CurrentPrincipal, ten
     token = sd.flush_caches(_rest(request), app, scope)  # NotFound (404) for an app without an ingress
     audit.record(state_of(request).home, actor=principal.actor, action="serve.cache_flush", target=app,
                  tenant=scope, detail={"token": token, "scope": scope or "*"})
-    return {"app": app, "tenant": scope, "flushed": True}
+    return {"app": app, "tenant": scope, "flushed": True, "token": token}
