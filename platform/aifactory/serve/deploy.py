@@ -238,6 +238,20 @@ def live_user_config(details: dict, app: str, deployment: str) -> dict:
     return (dep.get("deployment_config") or {}).get("user_config") or {}
 
 
+def target_user_config(details: dict, app: str, deployment: str) -> dict:
+    """The ``user_config`` the last PUT asked ``deployment`` of ``app`` to run with: the app's
+    ``deployed_app_config`` override (the controller checkpoints it before the PUT returns), else the live one.
+
+    A merge must start from this, not from :func:`live_user_config`: the deployments' live config follows the
+    target only once the controller's loop has reconciled it (a moment after the PUT), so merging into the
+    live one would drop a change PUT just before (seen: a cache flush lost to the next writer's merge)."""
+    cfg = (((details.get("applications") or {}).get(app) or {}).get("deployed_app_config") or {})
+    for dep in cfg.get("deployments") or []:
+        if dep.get("name") == deployment and dep.get("user_config") is not None:
+            return dict(dep["user_config"])
+    return live_user_config(details, app, deployment)
+
+
 def update_deployments(rest: ServeREST, app: str, user_configs: dict[str, dict], *, wait_s: float = 120.0,
                        expect: dict[str, dict] | None = None) -> dict:
     """Update keys of ``user_config`` of deployments of ``app`` (in place, no restarts); wait until RUNNING.
@@ -247,7 +261,7 @@ def update_deployments(rest: ServeREST, app: str, user_configs: dict[str, dict],
     that must still hold in the live ``user_config`` (a compare-and-set), else :class:`ChangeConflict`."""
     def merge(config: dict, details: dict) -> None:
         for dep, wanted in (expect or {}).items():
-            live = live_user_config(details, app, dep)
+            live = target_user_config(details, app, dep)
             for key, value in wanted.items():
                 if live.get(key) != value:
                     raise ChangeConflict(app, f"update of {dep}.{key}",
@@ -256,7 +270,7 @@ def update_deployments(rest: ServeREST, app: str, user_configs: dict[str, dict],
             if entry["name"] == app:
                 overrides = {d["name"]: d for d in entry.get("deployments") or []}
                 for dep, uc in user_configs.items():
-                    overrides.setdefault(dep, {"name": dep})["user_config"] = {**live_user_config(details, app, dep),
+                    overrides.setdefault(dep, {"name": dep})["user_config"] = {**target_user_config(details, app, dep),
                                                                                **uc}
                 entry["deployments"] = list(overrides.values())
                 return
@@ -336,7 +350,7 @@ def rollout_state(rest: ServeREST, app: str) -> RolloutState:
     details = rest.details()
     if app not in (details.get("applications") or {}):
         raise NotFound("Serve application", app, "`factory serve status` lists the applications")
-    uc = live_user_config(details, app, "Ingress")
+    uc = target_user_config(details, app, "Ingress")
     if "rollout" not in uc:
         raise NotFound("rollout state of application", app, "is it a completions app?")
     return RolloutState.model_validate(uc["rollout"])
@@ -398,7 +412,7 @@ def flush_caches(rest: ServeREST, app: str, tenant: str | None) -> str:
     def add_token(config: dict, details: dict) -> None:
         if "Ingress" not in (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}):
             raise NotFound("cache of Serve application", app)
-        live = live_user_config(details, app, "Ingress")
+        live = target_user_config(details, app, "Ingress")
         flushes = {**(live.get("cache_flush") or {}), tenant or "*": token}
         for entry in config["applications"]:
             if entry["name"] == app:
