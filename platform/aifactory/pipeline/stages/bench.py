@@ -24,7 +24,10 @@ def bench_stage(ctx: RunContext) -> StageResult:
     outcome = run_sweep(spec, home=ctx.home, tenant=ctx.tenant, dataset_version=ctx.artifacts.get("dataset_version"),
                         model_version=model_version, log=ctx.log)
     report = write_report(outcome.run, outcome.trials, ResultStore(ctx.home).report_dir(outcome.run.run_id))
-    ctx.log(report.text)
+    # The summary's bench table has the figures; the whole Markdown report (~45 lines) is a file, and the
+    # run's log (stdout, under factory run's RunLog).
+    print(report.text, flush=True)
+    ctx.log(f"  bench: report {report.markdown_path}")
     ctx.artifacts["bench_run"] = outcome.run.run_id
     rec = report.recommendation
     table = []
