@@ -162,6 +162,7 @@ def test_serving_refuses_tampered_and_foreign_models(control, tmp_path):
     from aifactory.registry import ModelRegistry
 
     home = control["home"]
+    started = time.time()
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"\x00" * 2048)
     reg = ModelRegistry(home)
@@ -194,7 +195,8 @@ def test_serving_refuses_tampered_and_foreign_models(control, tmp_path):
     assert apps.status_code == 200 and all(a["tenant"] == ALPHA for a in apps.json())
     from aifactory import audit
 
-    assert audit.query(home, action="serve") == []  # nothing was deployed, nothing audited
+    # nothing was deployed, nothing audited (the session home holds other tests' deploys from before)
+    assert audit.query(home, action="serve", since=started) == []
 
 
 def test_tenant_app_answers_only_its_keys_and_its_cache_is_managed_per_tenant(control, serve_http_port, tmp_path):
