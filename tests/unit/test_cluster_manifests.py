@@ -22,7 +22,6 @@ import copy
 import functools
 import importlib
 import json
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -32,23 +31,18 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.unit._crd import REPO, SHARED, check_object_meta, jsonschema_errors, schema_errors
+from tests.unit._crd import load_yaml_all as _load_yaml_all
+
 CLUSTER = REPO / "cluster"
-# ../shared/ lies beside the checkout for developers and CI, not beside a user's clone: point
-# AIFACTORY_SHARED_DIR at a copy, or these tests skip naming the directory they need.
-SHARED = Path(os.environ.get("AIFACTORY_SHARED_DIR") or REPO.parent / "shared")
 CRDS = SHARED / "kuberay-crds"
+KUEUE_CRDS = SHARED / "kueue-crds"
 CLUSTER_FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 POOL_LABEL = "aifactory.io/pool"
 PRICING_LABEL = "aifactory.io/pricing-class"
 PRICING_CLASSES = {"on-demand", "reserved", "spot"}
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-def _load_yaml_all(text: str) -> list[Any]:
-    return [d for d in yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d is not None]
 
 
 @functools.cache
@@ -59,70 +53,6 @@ def _pins() -> tuple[str, str]:
     ray_pins = [m.group(2) for m in ray_pins if m]
     assert len(ray_pins) == 1, f"expected exactly one ray==X pin in pyproject.toml, found {ray_pins}"
     return ray_pins[0], project["version"]
-
-
-# --------------------------------------------------------------------------------------------------
-# CRD schemas with Kubernetes semantics
-
-
-def _k8s_to_jsonschema(node: Any) -> Any:
-    """An OpenAPI v3 structural schema (as in a CRD) as a JSON Schema that checks what the API server does."""
-    if isinstance(node, list):
-        return [_k8s_to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _k8s_to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
-    for key in ("properties", "patternProperties"):  # their keys are field names, not schema keywords
-        if key in node:
-            out[key] = {name: _k8s_to_jsonschema(sub) for name, sub in node[key].items()}
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-    # The API server (kubectl's default --validate=strict) rejects fields a structural schema does not
-    # declare, unless the node preserves unknown fields: JSON Schema allows them unless told otherwise.
-    if (
-        out.get("type") == "object"
-        and "properties" in out
-        and "additionalProperties" not in out
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    return out
-
-
-@functools.cache
-def _crd_schema(kind: str, api_version: str) -> dict:
-    if not CRDS.is_dir():
-        pytest.skip(f"needs the KubeRay CRD schemas in {CRDS} (../shared/ beside the repository, as CI has it; "
-                    "or set AIFACTORY_SHARED_DIR to a directory holding kuberay-crds/)")
-    crd_file = CRDS / f"ray.io_{KUBERAY_KINDS[kind]}.yaml"
-    (crd,) = _load_yaml_all(crd_file.read_text())
-    assert crd["spec"]["names"]["kind"] == kind, crd_file
-    group, _, version = api_version.partition("/")
-    assert group == crd["spec"]["group"], f"apiVersion {api_version!r}: group must be {crd['spec']['group']!r}"
-    versions = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
-    assert version in versions, f"apiVersion {api_version!r}: served versions are {sorted(versions)}"
-    assert not versions[version].get("deprecated"), f"apiVersion {api_version!r} is deprecated"
-    return _k8s_to_jsonschema(versions[version]["schema"]["openAPIV3Schema"])
-
-
-def _schema_errors(instance: Any, schema: dict) -> list[str]:
-    validator = jsonschema.Draft7Validator(schema)
-    return [
-        f"{'.'.join(str(p) for p in err.absolute_path) or '<root>'}: {err.message}"
-        for err in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
-    ]
-
-
-def _check_object_meta(meta: Any, where: str) -> None:
-    # ObjectMeta is opaque in a CRD schema ({type: object}); check what the API server would.
-    assert isinstance(meta, dict) and meta.get("name"), f"{where}: metadata.name is required"
-    assert _DNS_SUBDOMAIN.match(meta["name"]) and len(meta["name"]) <= 63, f"{where}: bad name {meta['name']!r}"
-    for key in ("labels", "annotations"):
-        for k, v in (meta.get(key) or {}).items():
-            assert isinstance(v, str), f"{where}: metadata.{key}.{k} must be a string, got {v!r}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,9 +205,9 @@ def _check_app_builds(builder, app, where: str) -> None:
 
 def _check_kuberay(doc: dict, where: str) -> None:
     kind = doc["kind"]
-    errors = _schema_errors(doc, _crd_schema(kind, doc["apiVersion"]))
+    errors = schema_errors(doc, CRDS)
     assert not errors, f"{where}: {kind} does not validate against the KubeRay CRD:\n  " + "\n  ".join(errors[:20])
-    _check_object_meta(doc.get("metadata"), where)
+    check_object_meta(doc.get("metadata"), where)
     spec = doc["spec"]
     if kind == "RayCluster":
         _check_ray_cluster_spec(spec, where)
@@ -315,7 +245,7 @@ def _check_launcher(config: dict, where: str) -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    errors = _schema_errors(config, schema)
+    errors = jsonschema_errors(config, schema)
     assert not errors, f"{where}: does not validate against ray-schema.json:\n  " + "\n  ".join(errors[:20])
     try:  # what `ray up` runs: fill in the provider's defaults, then Ray's own checks
         validate_config(prepare_config(copy.deepcopy(config)))
