@@ -77,3 +77,29 @@ KeyError: 'seq_len'
     assert one_line(message) == ("application 'completions' is DEPLOY_FAILED: Deploying app 'completions' failed "
                                  "with exception: KeyError: 'seq_len'")
     assert one_line("no traceback here") == "no traceback here"
+
+
+def test_the_control_api_refuses_unfitting_limits_with_422_before_touching_serve(tmp_path):
+    """The control API's deploy fits the operator's tenant-app defaults to the tenant's model first: a misfit is
+    a 422 naming the limits, and Serve (here an address where nothing listens) is never called."""
+    from fastapi.testclient import TestClient
+
+    from aifactory.control.app import create_app
+    from aifactory.registry import ModelRegistry
+    from aifactory.security.apikeys import KeyStore
+    from aifactory.security.signing import create_signing_key
+
+    home = FactoryHome.from_env(tmp_path / "home").ensure()
+    create_signing_key(home)
+    weights = tmp_path / "w.pt"
+    torch.save({}, weights)
+    mv = ModelRegistry(home).register("gpt", weights_path=str(weights), model_config=GPTConfig().model_dump(),
+                                      manifest={"tenant": "alpha"})
+    key = KeyStore(home).create(tenant="alpha", actor="ops").secret
+    app = create_app(home, address="http://127.0.0.1:9", rate=(1000.0, 1000),
+                     tenant_app_defaults={"limits": {"max_prompt_tokens": 192, "max_tokens": 64}})
+    client = TestClient(app, raise_server_exceptions=False)
+    resp = client.post("/v1/serve/apps", headers={"Authorization": f"Bearer {key}"},
+                       json={"name": "chat", "model_name": "gpt", "model_version": mv.version})
+    assert resp.status_code == 422, resp.text
+    assert "max_prompt_tokens (192) + max_tokens (64)" in resp.text and "seq_len (128)" in resp.text

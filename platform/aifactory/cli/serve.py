@@ -103,7 +103,7 @@ def _deploy(args) -> int:
                      "home": str(home.root)}
         app_args = (load_config(CompletionsArgs, args.config, overrides=overrides) if args.config
                     else CompletionsArgs(**{k: v for k, v in overrides.items() if v is not None}))
-        app_args = _fit_to_model(home, app_args)  # here, not in Serve's build task: nothing starts on bad args
+        app_args = deploy.fit_to_registry(home, app_args)  # here, not in Serve's build task: nothing starts on bad args
         entry = deploy.completions_entry(app_args, name=args.name or "completions",
                                          route_prefix=f"/{args.name or 'completions'}")
     else:
@@ -119,17 +119,6 @@ def _deploy(args) -> int:
                                                          "model": entry["args"].get("model_name")})
     emit(deploy.status(rest), args.format)
     return 0 if app.get("status") == "RUNNING" else 1
-
-
-def _fit_to_model(home, app_args):
-    """The completions args checked against the model versions they serve, before anything is deployed: token
-    limits left unset default from the model's seq_len, set ones must fit it (ConfigError naming the fields)."""
-    from aifactory.registry import ModelRegistry
-
-    registry = ModelRegistry(home)
-    versions = [app_args.model_version] + ([app_args.canary_version] if app_args.canary_version else [])
-    configs = [registry.get(app_args.model_name, v).model_config for v in versions]
-    return app_args.fitted_to(min(configs, key=lambda c: int(c.get("seq_len") or 0)))
 
 
 def _default_model(home) -> str:

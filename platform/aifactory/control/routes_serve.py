@@ -109,7 +109,7 @@ def list_apps(request: Request, principal: CurrentPrincipal) -> list[ServeApp]:
 @router.post("/serve/apps", response_model=ServeApp, status_code=201, summary="Deploy a completions app")
 def deploy_app(body: ServeDeployBody, request: Request, principal: CurrentPrincipal) -> ServeApp:
     from aifactory.serve.config import CompletionsArgs
-    from aifactory.serve.deploy import completions_entry, launch_app
+    from aifactory.serve.deploy import completions_entry, fit_to_registry, launch_app
 
     if principal.is_admin:
         if body.tenant is None:
@@ -129,6 +129,7 @@ def deploy_app(body: ServeDeployBody, request: Request, principal: CurrentPrinci
     args = CompletionsArgs.model_validate({**state_of(request).tenant_app_defaults, "model_name": mv.qualified_name,
                                            "model_version": mv.version, "home": str(home.root),
                                            "auth": "factory-keys", "tenants": [tenant]})
+    args = fit_to_registry(home, args)  # a misfit is a 422 naming the limits, before Serve is touched
     status = launch_app(_rest(request), completions_entry(args, name=app, route_prefix=route), args, home=home,
                         tenant=TenantRef(tenant=tenant), actor=principal.actor)
     audit.record(home, actor=principal.actor, action="serve.deploy", target=app, tenant=tenant,

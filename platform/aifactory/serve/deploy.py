@@ -211,6 +211,19 @@ def deploy(rest: ServeREST, entry: dict, *, http_port: int | None = None, wait_s
         return wait_running(rest, entry["name"], wait_s=wait_s)
 
 
+def fit_to_registry(home, app_args: CompletionsArgs) -> CompletionsArgs:
+    """The completions args checked against the model versions they serve, before anything is deployed: token
+    limits left unset default from the model's seq_len, set ones must fit it (ConfigError naming the fields).
+    Every door calls it before it builds the app's entry (the CLI, the control API), so a misfit is one line
+    to the user, not a DEPLOY_FAILED from inside Serve's build task."""
+    from aifactory.registry import ModelRegistry
+
+    registry = ModelRegistry(home)
+    versions = [app_args.model_version] + ([app_args.canary_version] if app_args.canary_version else [])
+    configs = [registry.get(app_args.model_name, v).model_config for v in versions]
+    return app_args.fitted_to(min(configs, key=lambda c: int(c.get("seq_len") or 0)))
+
+
 def launch_app(rest: ServeREST, entry: dict, app_args: CompletionsArgs | EmbeddingsArgs, *, home, tenant,
                actor: str | None = None, http_port: int | None = None, wait_s: float = 300.0) -> dict:
     """Deploy an app through the front door: a ``serve`` workload of ``tenant`` holding what ``app_args`` say
