@@ -1,100 +1,108 @@
-"""GPU check: NCCL collectives and an FSDP2 + bf16-mixed training step on every visible GPU.
+"""GPU check: the factory's own training path (Ray Train, NCCL, FSDP2, bf16-mixed) on every visible GPU.
 
-    .venv/bin/python -m benchmarks.gpu_check [--steps 20]
+    .venv/bin/python -m benchmarks.gpu_check [--steps 20] [--recipe tiny] [--cpu]
 
-Spawns one process per GPU (torch.multiprocessing, NCCL, no Ray needed), shards a small GPT with the
-factory's own ``shard_model`` under bf16-mixed, checks an all-reduce result, trains ``--steps`` steps on
-random tokens, and prints loss, tokens/s, peak memory and MFU per rank as JSON. Where no CUDA GPU is
-present it says so and exits 0.
+Starts a private loopback Ray cluster with the machine's GPUs and a throwaway factory home, ingests a small
+corpus with the data plane, and trains the recipe through ``run_training`` (the front door, one Ray Train
+worker per GPU, ``use_gpu`` on, FSDP2 + bf16-mixed), as ``factory train`` would. Everything it prints is
+what the run measured and reported per rank: the process-group backend, the dtype the first linear layer's
+weight had *inside forward* and the dtype its matmul produced (``aifactory.train.parallel.ComputeDtypeProbe``;
+the stored shards stay fp32), steady-state tokens/s, MFU against the device's peak, peak memory, the
+validation loss. It passes when every rank ran on CUDA with NCCL, computed in bf16 with fp32 shards, and the
+run ended with a finite loss. Where no CUDA GPU is present it says so and exits 0; ``--cpu`` runs the same
+path on CPU workers (gloo) to check the script itself on a machine without one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-import time
+import sysconfig
+import tempfile
+from pathlib import Path
 
 
-def _worker(rank: int, world: int, port: int, steps: int, q) -> None:
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from aifactory.models.gpt import GPTConfig
-    from aifactory.train.metrics import mfu, peak_flops
-    from aifactory.models.build import build_sharded
-    from aifactory.train.parallel import current_device
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dev = current_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev.device)
-    t = torch.full((4,), float(rank + 1), device=dev.device)
-    dist.all_reduce(t)
-    expected = world * (world + 1) / 2
-    allreduce_ok = bool(torch.allclose(t, torch.full_like(t, expected)))
-
-    cfg = GPTConfig(seq_len=512, d_model=1024, n_layers=12, n_heads=16, d_ff=4096)
-    torch.manual_seed(0)
-    # The training loop's path: meta-device build, FSDP2 shards, to_empty on the GPU, seeded shard-wise init.
-    model = build_sharded(cfg, sharding="fsdp", precision="bf16-mixed", device=dev.device, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    gen = torch.Generator(device="cpu").manual_seed(rank)
-    batch = 16
-    tokens = torch.randint(0, 256, (batch, cfg.seq_len + 1), generator=gen).to(dev.device)
-    losses, t0 = [], None
-    for step in range(steps):
-        if step == 3:  # after warm-up (NCCL communicators, kernels)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        loss = F.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    tps = (steps - 3) * batch * cfg.seq_len / (time.perf_counter() - t0)
-    peak = peak_flops(dev.name, "bf16-mixed")
-    q.put({
-        "rank": rank, "device": dev.name, "backend": dist.get_backend(), "allreduce_ok": allreduce_ok,
-        "param_dtype_in_compute": "bfloat16", "first_loss": losses[0], "last_loss": losses[-1],
-        "tokens_per_s": tps, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "mfu": mfu(tokens_per_s=tps, flops_per_token=cfg.train_flops_per_token(), peak=peak.flops),
-        "mfu_peak_source": peak.source,
-    })
-    dist.destroy_process_group()
+def check(metrics: dict, *, want_cuda: bool) -> list[str]:
+    """What failed, per rank (empty: passed)."""
+    problems = []
+    ranks = metrics.get("per_worker") or []
+    if not ranks:
+        problems.append("the run reported no per-rank figures")
+    for w in ranks:
+        r = w.get("rank")
+        if want_cuda and metrics.get("backend") != "nccl":
+            problems.append(f"rank {r}: backend {metrics.get('backend')!r}, expected nccl")
+        if w.get("compute_param_dtype") != "bfloat16" or w.get("compute_output_dtype") != "bfloat16":
+            problems.append(f"rank {r}: computed in {w.get('compute_param_dtype')}/{w.get('compute_output_dtype')}, "
+                            "expected bfloat16 (FSDP2 MixedPrecisionPolicy)")
+        if w.get("stored_param_dtype") != "float32":
+            problems.append(f"rank {r}: shards stored in {w.get('stored_param_dtype')}, expected float32")
+    loss = metrics.get("val_loss")
+    if not isinstance(loss, float) or not math.isfinite(loss):
+        problems.append(f"validation loss {loss!r} is not a finite number")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--cpu", action="store_true", help="no GPU: run the same path on 2 CPU workers (gloo)")
     args = p.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus and not args.cpu:
         print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); nothing to check, exiting 0")
         return 0
-    import socket
+    workers = gpus or 2
+    root = Path(tempfile.mkdtemp(prefix="aif-gpu-check-"))
+    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+                      AIFACTORY_HOME=str(root / "home"))
+    import ray
 
-    import torch.multiprocessing as mp
+    from aifactory.data.ingest import IngestConfig, ingest, local_writer
+    from aifactory.home import FactoryHome
+    from aifactory.recipes import load_recipe
+    from aifactory.tenancy import TenantRef
+    from aifactory.train.jobspec import apply_overrides
+    from aifactory.train.runner import run_training
 
-    world = torch.cuda.device_count()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args.steps, q)) for r in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    results = sorted((q.get() for _ in range(sum(proc.exitcode == 0 for proc in procs))), key=lambda r: r["rank"])
-    print(json.dumps({"world_size": world, "ranks": results}, indent=2))
-    ok = len(results) == world and all(r["allreduce_ok"] and r["last_loss"] < r["first_loss"] for r in results)
-    print("gpu_check: OK" if ok else "gpu_check: FAILED")
-    return 0 if ok else 1
+    home = FactoryHome.from_env().ensure()
+    ray.init(address="local", num_cpus=workers + 2, num_gpus=gpus, include_dashboard=False,
+             object_store_memory=512 << 20, _temp_dir=str(root / "ray"), logging_level="WARNING", log_to_driver=False)
+    try:
+        data = ingest(home, IngestConfig(source=os.path.join(sysconfig.get_paths()["stdlib"], "email"), seq_len=129,
+                                         target_shard_mb=0.1, validation_fraction=0.1),
+                      tenant=TenantRef(tenant="gpu-check"), writer=local_writer).version
+        job = apply_overrides(load_recipe(args.recipe), dataset=data, max_steps=args.steps, workers=workers,
+                              tenant="gpu-check")
+        job = job.model_copy(update={
+            "sharding": "fsdp", "precision": "bf16-mixed",
+            "scaling": job.scaling.model_copy(update={"use_gpu": bool(gpus)}),
+            "validation": job.validation.model_copy(update={"register_validated": False}),
+        })
+        print(f"gpu_check: {args.recipe} ({job.model.gpt.num_params() / 1e6:.1f}M params), {workers} "
+              f"{'GPU' if gpus else 'CPU'} worker(s), {args.steps} steps, FSDP2 + bf16-mixed", flush=True)
+        out = run_training(job, home=home)
+    finally:
+        ray.shutdown()
+    m = out.metrics
+    ranks = [{k: w.get(k) for k in ("rank", "compute_param_dtype", "compute_output_dtype", "stored_param_dtype",
+                                    "tokens_per_s", "mfu", "peak_memory_bytes", "peak_memory_method")}
+             for w in m.get("per_worker") or []]
+    print(json.dumps({"backend": m.get("backend"), "device": m.get("device"), "world_size": m.get("world_size"),
+                      "tokens_per_s": m.get("tokens_per_s"), "mfu": m.get("mfu"),
+                      "mfu_peak_source": m.get("mfu_peak_source"), "val_loss": m.get("val_loss"),
+                      "run_id": out.run_id, "ranks": ranks}, indent=2, default=str))
+    problems = check(m, want_cuda=bool(gpus))
+    for line in problems:
+        print(f"gpu_check: {line}")
+    print("gpu_check: OK" if not problems else "gpu_check: FAILED")
+    return 0 if not problems else 1
 
 
 if __name__ == "__main__":

@@ -107,6 +107,30 @@ def actor_times_of(table: Mapping[str, Mapping]) -> dict[str, tuple[float | None
             for aid, row in table.items()}
 
 
+def dashboard_url() -> str:
+    """The connected cluster's dashboard (state API) URL, ``http://host:port``.
+
+    Why: a driver attached with ``ray.init(address=...)`` knows its cluster, but the public state API with
+    no address looks for *a* local cluster and fails where a host runs several ("Found multiple active Ray
+    instances"). ``ray._private.worker.get_dashboard_url()`` returns the connected one's. Checked on Ray
+    2.60.0. Needs a connected driver; raises :class:`RayCompatError` otherwise or when it is gone.
+    """
+    try:
+        import ray
+        from ray._private.worker import get_dashboard_url
+    except ImportError as err:
+        raise RayCompatError("ray._private.worker.get_dashboard_url", str(err)) from err
+    if not ray.is_initialized():
+        raise RayCompatError("ray._private.worker.get_dashboard_url", "this process is not a connected Ray driver")
+    try:
+        url = get_dashboard_url()
+    except Exception as err:  # noqa: BLE001 - a private accessor: any failure is "unavailable", said loudly
+        raise RayCompatError("ray._private.worker.get_dashboard_url", f"{type(err).__name__}: {err}") from err
+    if not url:
+        raise RayCompatError("ray._private.worker.get_dashboard_url", "the cluster runs no dashboard")
+    return url if "://" in url else f"http://{url}"
+
+
 def serve_controller_client(*, start_if_missing: bool = False):
     """Serve's controller client on the connected cluster, or None where Serve is not running.
 

@@ -15,3 +15,4 @@ def test_gpu_check_trains_with_nccl_and_bf16():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gpu_check: OK" in proc.stdout and '"backend": "nccl"' in proc.stdout
+    assert proc.stdout.count('"compute_param_dtype": "bfloat16"') == proc.stdout.count('"rank":') >= 1

@@ -42,6 +42,9 @@ def test_sweep_runs_every_repeat_and_measures_latency(smoke_run):
         assert m["throughput_rps"] > 0
         # priced from the packaged price book; energy honestly unavailable without a GPU
         assert m["cost_per_1k_requests_usd"] > 0
+        # from what the meter read the app's replicas holding over the measured load, not declared x wall
+        assert m["cost_basis"] == "metered", m["unavailable"].get("metered")
+        assert m["metered_cpu_s"] == pytest.approx(m["replica_cpu_s"], rel=0.1, abs=0.05)
         if m["energy_j"] is None:
             assert m["requests_per_joule"] is None and m["unavailable"]["requests_per_joule"]
     # each configuration deployed once; its later repeats reused the running app
@@ -228,6 +231,9 @@ def test_train_gpt_sweep_runs_the_real_trainer_to_a_target(bench_artifacts):
         assert 0 < m["time_to_quality_s"] < m["train_wall_s"] and m["steps"] == 4
         assert m["dataset_version"] == ds_version and m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0
         assert m["num_validated_checkpoints"] >= 1 and m["cost_per_validated_checkpoint_usd"] > 0
+        # the workers' own spans (inside the run, so at most what was declared for its whole wall time)
+        assert m["cost_basis"] == "metered", m["unavailable"].get("metered")
+        assert 0 < m["metered_cpu_s"] <= m["train_cpu_s"] * 1.02
     assert len({t.metrics["train_run_id"] for t in trials}) == 3
     assert outcome.run.context["dataset_version"] == ds_version
     assert {m.ref for m in ModelRegistry(home).list()} == before  # a benchmark registers no model versions

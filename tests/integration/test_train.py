@@ -131,6 +131,9 @@ def test_run_manifest_has_measurements(killed_run):
     assert m["checkpoint_save_s"]["last"] > 0
     assert isinstance(m["mfu"], float) and 0 < m["mfu"] < 1 or m["mfu"] == "unknown"
     assert m["backend"] == "gloo" and m["world_size"] == 2
+    # what forward really computed in, on every rank (FSDP2's bf16 policy; the shards stay fp32)
+    assert {(w["compute_param_dtype"], w["compute_output_dtype"], w["stored_param_dtype"]) for w in m["per_worker"]} \
+        == {("bfloat16", "bfloat16", "float32")}
 
 
 def test_factory_rerun_reproduces_the_uninterrupted_curve(killed_run, ray_driver):

@@ -127,3 +127,10 @@ def test_errors_pickle_across_ray():
     err = pickle.loads(pickle.dumps(ray_compat.RayCompatError("ray.x", "gone")))
     assert (err.api, err.why) == ("ray.x", "gone") and "checked on Ray 2.60.0" in str(err)
     assert "ray" in sys.modules
+
+
+def test_dashboard_url_reads_the_connected_nodes_webui():
+    from ray._private import worker
+
+    assert list(inspect.signature(worker.get_dashboard_url).parameters) == []
+    assert "webui_url" in inspect.getsource(worker.get_dashboard_url)

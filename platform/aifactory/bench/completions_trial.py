@@ -75,7 +75,7 @@ def completions_args(spec: SweepSpec, knobs: ServingKnobs, *, home_root: str | N
 
 
 def serve_completions_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
-    from aifactory.bench.trials import app_name, ensure_app, measure_load
+    from aifactory.bench.trials import app_name, ensure_app, measure_load, metered_fields
     from aifactory.home import FactoryHome
     from aifactory.registry import ModelRegistry
 
@@ -118,8 +118,9 @@ def serve_completions_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[st
         tokens=tokens["completion"],  # the unit of work priced per 1M tokens: generated tokens
         tokens_per_s=tokens["completion"] / result.wall_s if result.wall_s > 0 else None,
         # Every replica of the app (ingress and idle deployments included) is what the service costs.
-        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,
+        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,  # declared; metered ones replace it
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
+        **metered_fields(result, app_name(env.run_id, trial.config_id)),
         energy_j=energy_j,
         energy_note=energy_note,
     )

@@ -30,7 +30,7 @@ def embeddings_args(spec: SweepSpec, knobs: ServingKnobs):
 
 
 def serve_embeddings_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
-    from aifactory.bench.trials import app_name, ensure_app, measure_load
+    from aifactory.bench.trials import app_name, ensure_app, measure_load, metered_fields
 
     if env.http_port is None:
         raise RuntimeError("serving trials need Serve's HTTP port; the runner starts Serve first")
@@ -62,8 +62,9 @@ def serve_embeddings_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str
         inputs=result.num_ok * k,
         tokens=tokens["n"],  # embedded tokens: the unit of work priced per 1M tokens
         tokens_per_s=tokens["n"] / result.wall_s if result.wall_s > 0 else None,
-        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,
+        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,  # declared; metered ones replace it
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
+        **metered_fields(result, app_name(env.run_id, trial.config_id)),
         energy_j=energy_j,
         energy_note=energy_note,
     )

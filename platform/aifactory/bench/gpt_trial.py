@@ -149,7 +149,10 @@ def train_gpt_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
         "data_wait_fraction": m.get("data_wait_fraction"),
         "train_wall_s": wall,  # submit to finish: the basis of train_cpu_s and of the cost to quality
         "fit_wall_s": outcome.manifest.get("wall_s"),
-        "train_cpu_s": knobs.num_workers * spec.train.cpus_per_worker * wall,
+        "train_cpu_s": knobs.num_workers * spec.train.cpus_per_worker * wall,  # declared; metered ones replace it
+        "metered_since": t0, "metered_until": t0 + wall,
+        "metered_placement_group": next((w.get("placement_group_id") for w in m.get("per_worker") or []
+                                         if w.get("placement_group_id")), None),
         "train_run_id": outcome.run_id,
         "dataset_version": outcome.manifest.get("dataset_version"),
         "registered": [r["version"] for r in m.get("registered") or []],

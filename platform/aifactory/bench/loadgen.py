@@ -80,6 +80,8 @@ class LoadResult:
     send_s: float | None = None  # open loop: first send to last send (longer than planned: the generator lagged)
     in_flight: int = 0
     peak_in_flight: int = 0  # most requests outstanding at once: the server's ongoing + queued, seen from outside
+    started_at: float | None = None  # Unix seconds the measured load began and ended: what its cost is metered over
+    ended_at: float | None = None
 
     def record(self, sent: float, latency_s: float, status: int) -> None:
         self.sent_s.append(sent)

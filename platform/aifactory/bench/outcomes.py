@@ -1,8 +1,11 @@
 """Cost per useful outcome: the price book applied to what a trial held while it measured.
 
-Pure (no Ray, no I/O): a trial's metrics record resource-seconds (``replica_cpu_s``, ``train_cpu_s``,
-``gpu_s``); :func:`price_outcomes` prices them with :func:`aifactory.cost.pricing.price` and divides by the
-useful outcome:
+Pure (no Ray, no I/O). The basis is what the meter read the trial's actors holding
+(:class:`aifactory.cost.metered.Held`: the app's replicas over the measured load, the Train workers over
+the run, each GPU-second at its node's SKU), priced with :func:`aifactory.cost.pricing.price`; only where
+that could not be read (the reason is in ``unavailable["metered"]``) the declared resource-seconds the
+trial records (``replica_cpu_s``, ``train_cpu_s``, ``gpu_s``: declared resources x wall time).
+``cost_basis`` says which. The dollars are divided by the useful outcome:
 
 - serving: ``cost_per_1k_requests_usd`` (replica resource-seconds over successful requests; the load
   generator is not part of the service), ``requests_per_usd``, and for token-generating apps
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aifactory.cost.metered import Held
 from aifactory.cost.pricebook import PriceBook
 from aifactory.cost.pricing import price
 from aifactory.cost.records import SKU_CPU, Resource, UsageRecord
@@ -30,11 +34,25 @@ def _usd(book: PriceBook, *, resource: Resource, sku: str, quantity_s: float, re
     return price(record, book).usd
 
 
+def _metered_usd(held: Held, book: PriceBook, *, tenant: str, region: str, out: dict[str, Any]) -> float:
+    out.update(metered_cpu_s=held.seconds("cpu"), metered_gpu_s=held.seconds("gpu"),
+               metered_gpu_skus=held.skus("gpu") or None,
+               cost_basis="metered (estimated edges)" if held.estimated else "metered")
+    return held.usd(book, tenant=tenant, region=region)
+
+
 def price_outcomes(metrics: dict[str, Any], *, family: str, book: PriceBook | None, region: str,
-                   tenant: str, gpu_sku: str | None = None, unavailable_reason: str = "") -> dict[str, Any]:
-    """The priced figures of one trial's ``metrics`` (a new dict; ``metrics`` is not changed)."""
+                   tenant: str, gpu_sku: str | None = None, unavailable_reason: str = "",
+                   metered: Held | None = None, metered_reason: str = "") -> dict[str, Any]:
+    """The priced figures of one trial's ``metrics`` (a new dict; ``metrics`` is not changed). ``metered``:
+    what the meter read the trial holding; None falls back to the declared resource-seconds in ``metrics``,
+    saying why (``metered_reason``)."""
     out: dict[str, Any] = {}
     missing: dict[str, str] = dict(metrics.get("unavailable") or {})  # what the trial itself could not measure
+    if metered is None or not metered.spans:
+        metered = None
+        missing["metered"] = metered_reason or "the trial's actors were not found by the state API"
+        out["cost_basis"] = "declared"
     energy = metrics.get("energy_j")
     if family == "serving":
         ok = metrics.get("num_ok") or 0
@@ -45,8 +63,12 @@ def price_outcomes(metrics: dict[str, Any], *, family: str, book: PriceBook | No
         cost = None
         if book is None:
             missing["cost_per_1k_requests_usd"] = unavailable_reason or "no price book"
-        elif cpu_s is None or ok == 0:
-            missing["cost_per_1k_requests_usd"] = "no successful requests" if ok == 0 else "resources not recorded"
+        elif ok == 0:
+            missing["cost_per_1k_requests_usd"] = "no successful requests"
+        elif metered is not None:
+            cost = _metered_usd(metered, book, tenant=tenant, region=region, out=out)
+        elif cpu_s is None:
+            missing["cost_per_1k_requests_usd"] = "resources not recorded"
         else:
             cost = _usd(book, resource=Resource.CPU, sku=SKU_CPU, quantity_s=cpu_s, region=region, tenant=tenant)
             if metrics.get("gpu_s"):
@@ -73,7 +95,9 @@ def price_outcomes(metrics: dict[str, Any], *, family: str, book: PriceBook | No
             missing["cost_per_validated_checkpoint_usd"] = unavailable_reason or "no price book"
         else:
             cpu_s = metrics.get("train_cpu_s")
-            if cpu_s is not None:
+            if metered is not None:
+                cost = _metered_usd(metered, book, tenant=tenant, region=region, out=out)
+            elif cpu_s is not None:
                 cost = _usd(book, resource=Resource.CPU, sku=SKU_CPU, quantity_s=cpu_s, region=region, tenant=tenant)
             ttq, wall = metrics.get("time_to_quality_s"), metrics.get("train_wall_s")
             if cost is not None and ttq is not None and wall:

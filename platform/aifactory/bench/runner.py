@@ -203,8 +203,10 @@ def run_sweep(
             metrics: dict[str, Any] = {}
             if error is None:
                 metrics = {k: _decode(v) for k, v in (result.metrics or {}).items() if not _tune_internal(k)}
+                held, why = _metered(metrics)
                 metrics.update(price_outcomes(metrics, family=spec.kind.family, book=book, region=region,
-                                              tenant=spec.tenant.tenant, unavailable_reason=reason))
+                                              tenant=spec.tenant.tenant, unavailable_reason=reason,
+                                              metered=held, metered_reason=why))
             records.append(TrialRecord(
                 run_id=run_id, spec_name=spec.name, kind=spec.kind.value, tenant=spec.tenant.tenant,
                 project=spec.tenant.project, config_id=t.config_id, knobs=t.knobs, repeat=t.repeat, seed=t.seed,
@@ -213,7 +215,10 @@ def run_sweep(
             run_id=run_id, spec_name=spec.name, kind=spec.kind.value, tenant=spec.tenant.tenant,
             project=spec.tenant.project, spec=spec.model_dump(mode="json"), context=context.model_dump(mode="json"),
             pricing={"price_book_version": book.version if book else None, "region": region,
-                     "basis": "reserved CPU-seconds of Serve replicas / Train workers while measuring",
+                     "basis": "metered: what the state API and the GCS actor table show the trial's Serve "
+                              "replicas (over the measured load) or Train workers (over the run) holding, each "
+                              "resource at its node's SKU; a trial's cost_basis says where it fell back to "
+                              "declared resources x wall time",
                      "unavailable": reason or None},
             started_at=started, finished_at=time.time(), num_trials=len(records),
             num_failed=sum(r.status != "ok" for r in records),
@@ -236,6 +241,25 @@ def _price_book(home: FactoryHome):
 
 _TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date", "time_this_iter_s",
               "time_total_s", "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "config"}
+
+
+def _metered(metrics: dict[str, Any]):
+    """What the meter reads the trial's actors holding over its interval (``cost.metered``), or why not."""
+    from aifactory import ray_compat
+    from aifactory.cost.metered import held_by
+
+    since, until = metrics.get("metered_since"), metrics.get("metered_until")
+    app, group = metrics.get("metered_app"), metrics.get("metered_placement_group")
+    if since is None or until is None or not (app or group):
+        return None, "the trial named no interval or actors to meter"
+    try:
+        held = held_by(since=float(since), until=float(until), dashboard_url=ray_compat.dashboard_url(),
+                       apps=[app] if app else [], placement_groups=[group] if group else [])
+    except Exception as err:  # noqa: BLE001 - the declared basis is used instead, and the record says why
+        return None, f"the state API could not be read: {type(err).__name__}: {err}"[:300]
+    if not held.spans:
+        return None, f"no actors of {held.missing or [app or group]} held anything in the trial's interval"
+    return held, ""
 
 
 def _tune_internal(key: str) -> bool:

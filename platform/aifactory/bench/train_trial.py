@@ -121,6 +121,8 @@ def train_worker(config: dict[str, Any]) -> None:
     metrics = {
         "time_to_quality_s": ttq, "final_val_loss": val_loss, "steps": step, "samples": samples,
         "samples_per_s": samples / wall if wall > 0 else None, "train_wall_s": wall, "reached_target": ttq is not None,
+        # The workers' group: what the trial's cost is metered by (aifactory.cost.metered).
+        "metered_placement_group": ray.get_runtime_context().get_placement_group_id(),
     }
     # Rank 0 reports with a checkpoint (the model at quality, when reached): Train V2's Result.metrics holds
     # only reports that carried one. Other ranks report metrics alone, as Train requires every rank to report.
@@ -148,7 +150,7 @@ def train_mlp_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
     knobs = TrainingKnobs.model_validate(trial.knobs)
     meter = EnergyMeter()
     meter.start()
-    t0 = time.perf_counter()
+    t0, since = time.perf_counter(), time.time()
     config = {"model": spec.model.model_dump(), "knobs": knobs.model_dump(), "train": spec.train.model_dump(),
               "seed": trial.seed, "task_seed": spec.seed + 10_000}
     result, error = fit_trainer(train_worker, config, run_id=f"{env.run_id}-{trial.config_id}-r{trial.repeat}",
@@ -163,7 +165,8 @@ def train_mlp_trial(spec: SweepSpec, trial: TrialConfig, env) -> dict[str, Any]:
     wall = metrics.get("train_wall_s") or 0.0
     metrics.update(
         startup_s=max(fit_s - wall, 0.0),
-        train_cpu_s=knobs.num_workers * spec.train.cpus_per_worker * wall,
+        train_cpu_s=knobs.num_workers * spec.train.cpus_per_worker * wall,  # declared; metered ones replace it
+        metered_since=since, metered_until=time.time(),
         energy_j=energy_j,
         energy_note=meter.note if energy_j is None else "",
     )

@@ -103,10 +103,17 @@ def measure_load(spec: SweepSpec, url: str, body: Callable[[int], Any], *, heade
                    timeout_s=load.request_timeout_s, headers=headers)
     meter = EnergyMeter()
     meter.start()
+    since = time.time()
     result = drive_load(url, body, num_requests=load.num_requests, concurrency=load.concurrency,
                         timeout_s=load.request_timeout_s, headers=headers, on_ok=on_ok)
+    result.started_at, result.ended_at = since, time.time()
     energy_j = meter.stop_joules()
     return result, energy_j, meter.note if energy_j is None else ""
+
+
+def metered_fields(result, app: str) -> dict[str, Any]:
+    """What the driver meters a serving trial by: the measured load's interval and the app's replicas."""
+    return {"metered_since": result.started_at, "metered_until": result.ended_at, "metered_app": app}
 
 
 def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[str, Any]:
@@ -132,9 +139,10 @@ def serve_mlp_trial(spec: SweepSpec, trial: TrialConfig, env: TrialEnv) -> dict[
         deploy_s=deploy_s,
         status_counts=result.status_counts,
         # What the measured interval held: pricing turns these into dollars on the driver.
-        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,
+        replica_cpu_s=spec.app_cpus(trial.knobs) * result.wall_s,  # declared; metered ones replace it
         loadgen_cpu_s=spec.trial_num_cpus * result.wall_s,
         energy_j=energy_j,
         energy_note=energy_note,
+        **metered_fields(result, app_name(env.run_id, trial.config_id)),
     )
     return metrics

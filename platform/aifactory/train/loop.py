@@ -122,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from aifactory.train import checkpoint as ckpt
     from aifactory.train.metrics import RayTrainMetrics, TrainingPeakMemory, mfu, peak_flops
     from aifactory.models.build import build_sharded
-    from aifactory.train.parallel import autocast_context, current_device, pin_cpu_malloc_threshold
+    from aifactory.train.parallel import ComputeDtypeProbe, autocast_context, current_device, pin_cpu_malloc_threshold
 
     payload = WorkerPayload.model_validate(config)  # validate again on this side of the boundary
     job = payload.job
@@ -141,6 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     memory.baseline()  # before the model exists: "above baseline" is what the model and its training add
     # Built on the meta device and initialised shard by shard: no rank materialises the full fp32 model.
     model = build_sharded(job.model.gpt, sharding=job.sharding, precision=job.precision, device=dev.device, seed=job.seed)
+    dtype_probe = ComputeDtypeProbe(model)  # what forward really computes in (reported per rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, job.optimizer)
     autocast = lambda: autocast_context(sharding=job.sharding, precision=job.precision, device=dev.device)  # noqa: E731
@@ -217,7 +218,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return {"rank": rank, "tokens_per_s": tps, "mfu": mfu(tokens_per_s=tps, flops_per_token=flops_per_token, peak=peak.flops),
                 "peak_memory_bytes": memory.peak(), "peak_memory_above_baseline_bytes": memory.above_baseline(),
                 "memory_baseline_bytes": memory.baseline_bytes, "setup_peak_memory_bytes": memory.setup_peak_bytes,
-                "peak_memory_method": memory.method, "malloc_mmap_threshold_pinned": malloc_pinned, **meter.summary()}
+                "peak_memory_method": memory.method, "malloc_mmap_threshold_pinned": malloc_pinned,
+                # What the meter reads this run's holding by (benchmark trials price it: cost.metered).
+                "placement_group_id": ray.get_runtime_context().get_placement_group_id(),
+                **dtype_probe.summary(), **meter.summary()}
 
     model.train()
     memory.start()  # setup is done: from here on the peak is the training steps' (checkpoint saves excluded)

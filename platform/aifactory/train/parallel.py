@@ -77,3 +77,36 @@ def autocast_context(*, sharding: str, precision: str, device: torch.device):
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under a DDP wrapper (FSDP2 modifies the module in place)."""
     return getattr(model, "module", model)
+
+
+class ComputeDtypeProbe:
+    """The dtypes a model really computes in, seen from inside the forward of its first ``nn.Linear``.
+
+    Why measured, not read from the config: FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16)`` casts the
+    all-gathered parameters only while a unit runs (the stored shards stay fp32), and DDP + ``bf16-mixed``
+    keeps fp32 weights and lets autocast run the matmuls in bf16. So the truth is in forward: ``param`` is the
+    weight's dtype the layer computes with, ``output`` the dtype its matmul produced. Fires once (the first
+    forward), then removes itself, so training steps pay nothing.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.param: str | None = None
+        self.output: str | None = None
+        # At rest (before a forward, when FSDP2's root may keep the unsharded bf16 copies registered).
+        first = next((p for p in unwrap(model).parameters()), None)
+        self.stored = str(first.dtype).removeprefix("torch.") if first is not None else None
+        target = next((m for m in unwrap(model).modules() if isinstance(m, nn.Linear)), None)
+        self._handle = target.register_forward_hook(self._seen) if target is not None else None
+
+    def _seen(self, module: nn.Module, _inputs, output) -> None:
+        weight = module.weight
+        self.param = str(weight.dtype).removeprefix("torch.")
+        self.output = str(output.dtype).removeprefix("torch.")
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def summary(self) -> dict[str, str | None]:
+        """What forward used, and the dtype the parameters are stored (and optimised) in."""
+        return {"compute_param_dtype": self.param, "compute_output_dtype": self.output,
+                "stored_param_dtype": self.stored}
