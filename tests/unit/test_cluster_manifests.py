@@ -2,7 +2,12 @@
 
 - KubeRay manifests (RayCluster, RayJob, RayService) validate against the CRDs' ``openAPIV3Schema`` in
   ``../shared/kuberay-crds/``, with Kubernetes' semantics where plain JSON Schema differs: int-or-string
-  fields, ``nullable``, and unknown fields rejected (``kubectl apply`` validates strictly).
+  fields, ``nullable``, unknown fields rejected (``kubectl apply`` validates strictly), and the CRDs' CEL
+  rules evaluated after defaulting (``tests/unit/_crd.py``).
+- Kueue manifests (ResourceFlavor, Cohort, ClusterQueue, LocalQueue, WorkloadPriorityClass) validate against
+  the CRDs in ``../shared/kueue-crds/`` the same way, CEL rules included (``tests/unit/_crd.py``); a tenant's
+  Namespace is named after the tenant and labelled with it. How they refer to each other, and to the RayJobs
+  they queue, is checked by ``test_kueue_manifests.py``.
 - Launcher YAMLs validate against ``ray/autoscaler/ray-schema.json`` from the installed ray, after the
   defaults that ``ray up`` fills in, with Ray's own ``validate_config``.
 - Embedded Serve configs (``serveConfigV2``) validate against ``ray.serve.schema.ServeDeploySchema``; each
@@ -31,7 +36,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.unit._crd import REPO, SHARED, check_object_meta, jsonschema_errors, schema_errors
+from tests.unit._crd import DNS_LABEL, REPO, SHARED, check_object_meta, crd_version, jsonschema_errors, schema_errors
 from tests.unit._crd import load_yaml_all as _load_yaml_all
 
 CLUSTER = REPO / "cluster"
@@ -40,6 +45,7 @@ KUEUE_CRDS = SHARED / "kueue-crds"
 CLUSTER_FILES = sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 POOL_LABEL = "aifactory.io/pool"
+TENANT_LABEL = "aifactory.io/tenant"
 PRICING_LABEL = "aifactory.io/pricing-class"
 PRICING_CLASSES = {"on-demand", "reserved", "spot"}
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
@@ -266,6 +272,30 @@ def _check_launcher(config: dict, where: str) -> None:
             assert 0 <= lo <= hi and hi > 0, f"{nwhere}: need 0 <= min_workers ({lo}) <= max_workers ({hi}), max > 0"
 
 
+def _check_kueue(doc: dict, where: str) -> None:
+    # How they fit together (queues -> flavors, cohorts, namespaces; RayJobs -> queues) is
+    # tests/unit/test_kueue_manifests.py's: this checks each object alone.
+    errors = schema_errors(doc, KUEUE_CRDS)
+    assert not errors, f"{where}: {doc['kind']} does not validate against the Kueue CRD:\n  " + "\n  ".join(errors[:20])
+    scope = crd_version(KUEUE_CRDS, doc["kind"], doc["apiVersion"])["scope"]
+    check_object_meta(doc.get("metadata"), where, scope=scope)
+    if scope == "Namespaced":  # else kubectl puts it in whatever namespace the caller's context has
+        assert doc["metadata"].get("namespace"), f"{where}: a {doc['kind']} names its tenant's namespace (metadata.namespace)"
+
+
+def _check_namespace(doc: dict, where: str) -> None:
+    from aifactory.tenancy import TenantRef
+
+    assert set(doc) <= {"apiVersion", "kind", "metadata"}, f"{where}: a tenant Namespace has only metadata (got {sorted(doc)})"
+    meta = doc.get("metadata")
+    check_object_meta(meta, where, scope="Cluster")
+    name = meta["name"]
+    assert DNS_LABEL.match(name), f"{where}: namespace name {name!r} must be a DNS label"
+    tenant = (meta.get("labels") or {}).get(TENANT_LABEL)
+    assert tenant == name, f"{where}: a tenant's namespace is named after it and labelled {TENANT_LABEL}={name!r} (got {tenant!r})"
+    TenantRef(tenant=tenant)
+
+
 def check_manifest(path: Path) -> int:
     """Validate one file under cluster/; returns how many documents it checked. Raises on any problem."""
     assert path.suffix in (".yaml", ".yml"), f"{path}: cluster/ holds only YAML manifests"
@@ -277,10 +307,15 @@ def check_manifest(path: Path) -> int:
         if doc.get("apiVersion", "").startswith("ray.io/"):
             assert doc.get("kind") in KUBERAY_KINDS, f"{where}: unknown KubeRay kind {doc.get('kind')!r}"
             _check_kuberay(doc, where)
+        elif doc.get("apiVersion", "").startswith("kueue.x-k8s.io/"):
+            _check_kueue(doc, where)
+        elif doc.get("apiVersion") == "v1" and doc.get("kind") == "Namespace":
+            _check_namespace(doc, where)
         elif "provider" in doc and "cluster_name" in doc:
             _check_launcher(doc, where)
         else:
-            raise AssertionError(f"{where}: neither a KubeRay manifest (apiVersion ray.io/...) nor a launcher config")
+            raise AssertionError(f"{where}: neither a KubeRay or Kueue manifest (apiVersion ray.io/..., kueue.x-k8s.io/...), "
+                                 "a tenant Namespace nor a launcher config")
     return len(docs)
 
 
