@@ -156,6 +156,22 @@ class BudgetExceeded(FactoryError):
         return (self.__class__, (self.tenant, self.period, self.spent_usd, self.limit_usd))
 
 
+class QueueRefused(FactoryError):
+    """Work the queue will never start as asked (an unknown lane, a tenant not allowed there, a priority out of
+    the lane's range, more than the whole cluster, over a limit by itself): refused at once, never queued."""
+
+    def __init__(self, field: str, value: object, limit: object, hint: str = ""):
+        self.field = field
+        self.value = value
+        self.limit = limit
+        self.hint = hint
+        super().__init__(f"QueueRefused(field={field!r}, value={value!r}, limit={limit!r})"
+                         + (f": {hint}" if hint else ""))
+
+    def __reduce__(self):
+        return (self.__class__, (self.field, self.value, self.limit, self.hint))
+
+
 class DataError(FactoryError):
     """A dataset, shard or manifest is missing, corrupt or breaks its contract."""
 

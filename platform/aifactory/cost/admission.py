@@ -26,13 +26,15 @@ _QUOTA_KEYS = {"CPU": "cpu", "cpu": "cpu", "GPU": "gpu", "gpu": "gpu"}
 
 
 def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: WorkloadKind, *,
-          pool: str | None = None, lane: str | None = None) -> None:
+          pool: str | None = None, lane: str | None = None, held: bool = True) -> None:
     """Raise QuotaExceeded / MeterUnavailable / BudgetExceeded if ``tenant`` may not start work needing
     ``resources`` (everything the work will hold at once, in Ray's resource names).
 
     ``pool``: the node pool the work will run in, if the caller knows it. Work that names no pool may be
     placed in any pool, so it must fit every pool's quota of the tenant as well as the all-pools one.
     ``lane``: named in the refusal, so that the one line says where the work was headed.
+    ``held=False``: the queue's door (:mod:`aifactory.queue`): the request alone against the limits, the meter's
+    freshness and the budget, but not the holdings: work that fits the limit waits in the queue for them.
     """
     cfg = load_budgets(home)
     limits = cfg.tenants.get(tenant.tenant)
@@ -58,7 +60,8 @@ def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: Wor
 
         for scope, scope_limits in scopes:
             check_quota(tenant.tenant, resources, scope_limits, pool=scope, lane=lane,
-                        in_use=lambda resource, scope=scope: in_use(scope, resource))
+                        in_use=(lambda resource, scope=scope: in_use(scope, resource)) if held else
+                        (lambda resource, scope=scope: in_use(scope, resource) and {}))
     b = limits.budget
     if b is not None and (b.hard_usd is not None or b.soft_usd is not None):
         from aifactory.cost.pricebook import load_price_book

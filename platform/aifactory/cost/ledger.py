@@ -78,7 +78,7 @@ _ADDED_USAGE_COLS = (("pool", "TEXT NOT NULL DEFAULT 'default'"), ("gpu_memory_g
 # serve_usage columns added later: answered (2xx) and rejected (429) requests; NULL on rows of older ledgers.
 _ADDED_SERVE_COLS = (("answered", "REAL"), ("rejected", "REAL"))
 
-EVENT_KINDS = ("run", "run_failed", "retry", "checkpoint_validated")
+EVENT_KINDS = ("run", "run_failed", "retry", "checkpoint_validated", "queue_wait")  # queue_wait: count = seconds
 
 
 class Ledger:

@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
@@ -34,7 +34,7 @@ from aifactory.workloads.spec import Workload
 
 T = TypeVar("T")
 
-Status = Literal["admitted", "running", "started", "succeeded", "failed"]
+Status = Literal["admitted", "running", "started", "succeeded", "failed", "preempted"]
 
 
 class RunRecord(StrictModel):
@@ -42,7 +42,8 @@ class RunRecord(StrictModel):
 
     id: str = Field(description="The record's id (a training run uses its run id).")
     workload: Workload
-    status: Status = Field(description="admitted -> running -> succeeded | failed; `started` for work that runs "
+    status: Status = Field(description="admitted -> running -> succeeded | failed | preempted (it yielded and "
+                                       "can resume: aifactory.train.yielding); `started` for work that runs "
                                        "on by itself after launch (a submitted job, a deployment).")
     actor: str = Field(description="Who launched it (OS user or control-API key).")
     admitted_at: float
@@ -54,6 +55,11 @@ class RunRecord(StrictModel):
                                                          "trial), whose declared resources include it.")
     events: list[str] = Field(default_factory=list, description="Cost-event keys recorded for it.")
     error: str | None = None
+    queued_at: float | None = Field(default=None, description="When it entered the queue (None: not queued).")
+    queue_wait_s: float | None = Field(default=None, description="Seconds it waited in the queue, all attempts.")
+    attempt: int = Field(default=1, description="Which start this is (a preempted workload starts again).")
+    preemptions: list[dict[str, Any]] = Field(default_factory=list,
+                                              description="Each time the queue asked it to yield, and why.")
 
 
 def records_dir(home: FactoryHome) -> Path:
@@ -118,13 +124,18 @@ class RunHandle:
 
 def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], T], record_id: str | None = None,
            actor: str | None = None, detached: bool = False, within: str | None = None,
-           connect: Callable[[], object] | None = None) -> T:
+           connect: Callable[[], object] | None = None, queued_at: float | None = None,
+           queue_wait_s: float | None = None, attempt: int = 1, preemptions: list[dict[str, Any]] | None = None,
+           own_job: bool = True) -> T:
     """Admit ``workload``, start it with ``run(handle)``, record it and its cost events; return what ``run``
     returns. ``detached``: the work runs on by itself after ``run`` returns (a submitted job, a deployment),
     so the record ends as ``started``, not ``succeeded``. ``within``: the id of an admitted workload this one
     runs inside and whose declaration covers it (a sweep's trials): recorded and metered, not admitted twice
     against holdings that already count its parent. ``connect``: attach this process to Ray only once the work
-    is admitted (a refused ``factory train`` leaves no driver job behind). Raises the admission error (QuotaExceeded,
+    is admitted (a refused ``factory train`` leaves no driver job behind). ``queued_at`` / ``queue_wait_s`` /
+    ``attempt`` / ``preemptions``: what the queue knows of it (:mod:`aifactory.queue`). ``own_job=False``: the
+    work runs in a Ray job of its own (a submission), not in this driver's, so the record names no driver job
+    (the dispatcher is a driver too: its job must not be taken for the work's). Raises the admission error (QuotaExceeded,
     MeterUnavailable, BudgetExceeded) with nothing started and no run record (the refusal is audited), or
     whatever ``run`` raised (recorded as failed)."""
     from aifactory import audit
@@ -143,13 +154,14 @@ def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], 
                      detail={"lane": workload.lane, "resources": workload.resources.as_ray()})
         raise
     record = RunRecord(id=record_id or new_record_id(workload.kind.value), workload=workload, status="admitted",
-                       actor=actor, admitted_at=time.time(), within=within)
+                       actor=actor, admitted_at=time.time(), within=within, queued_at=queued_at,
+                       queue_wait_s=queue_wait_s, attempt=attempt, preemptions=list(preemptions or []))
     _write(home, record)
     handle = RunHandle(home, record)
     try:
         if connect is not None:
             connect()
-        record.ray_job_id = _current_ray_job()
+        record.ray_job_id = _current_ray_job() if own_job else None
         record.status, record.started_at = "running", time.time()
         _write(home, record)
         handle.event("run", "run")
@@ -167,6 +179,19 @@ def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], 
     return result
 
 
+def update_record(home: FactoryHome, record_id: str, **fields: Any) -> RunRecord | None:
+    """Set ``fields`` of a run record (the queue's dispatcher ends detached records: succeeded, failed,
+    queued again after a preemption); None when there is no such record."""
+    try:
+        record = read_record(home, record_id)
+    except NotFound:
+        return None
+    record = record.model_copy(update=fields)
+    RunRecord.model_validate(record.model_dump())
+    _write(home, record)
+    return record
+
+
 def _current_ray_job() -> str | None:
     """The Ray job of this driver, if it is connected (work it starts is held under that job)."""
     try:
@@ -176,5 +201,5 @@ def _current_ray_job() -> str | None:
     return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
 
 
-__all__ = ["RunHandle", "RunRecord", "launch", "list_records", "read_record", "records_dir"]
+__all__ = ["RunHandle", "RunRecord", "launch", "list_records", "read_record", "records_dir", "update_record"]
 
