@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--meter-window-s", type=float, help="cost meter: ledger window in seconds (default 60)")
     p.add_argument("--no-meter", action="store_true",
                    help="start no cost meter (usage goes unmetered and tenants with quotas are refused work)")
+    p.add_argument("--no-dispatcher", action="store_true",
+                   help="start no queue dispatcher (queued work then starts only on submit and wait passes)")
     add_format(p)
     p.set_defaults(func=_up)
 
@@ -65,6 +67,7 @@ def _up(args: argparse.Namespace) -> int:
         meter=not args.no_meter,
         meter_sample_interval_s=args.meter_interval_s,
         meter_window_s=args.meter_window_s,
+        dispatcher=not args.no_dispatcher,
     )
     emit_obj(
         {
@@ -74,6 +77,7 @@ def _up(args: argparse.Namespace) -> int:
             "metrics": f"http://127.0.0.1:{state.metrics_export_port}/metrics",
             "token": state.token_path,
             "meter": state.meter_cluster_id or "off",
+            "dispatcher": "on" if state.dispatcher else "off",
             "seconds": round(time.monotonic() - t0, 1),
         },
         args.format,
@@ -108,6 +112,7 @@ def _status(args: argparse.Namespace) -> int:
             "resources_total": resources["total"],
             "resources_used": resources["used"],
             "meter": cluster.meter_health(state),
+            "queue_dispatcher": cluster.dispatcher_health(state),
             "gpus": gpu_lines(),
         },
         args.format,

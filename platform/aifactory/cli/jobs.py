@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--entrypoint-num-cpus", type=float,
                    help="CPUs the driver process reserves, part of --num-cpus (as in `ray job submit`)")
     p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs the driver process reserves")
-    p.add_argument("--lane", help="the lane to queue in (default: factory)")
+    p.add_argument("--lane", help="the lane to queue in (default: the tenant's in lanes.yaml, else factory)")
+    p.add_argument("--priority", type=int, help="priority within the lane (default: the lane's default_priority)")
     p.add_argument("--memory", help="memory reserved for the entrypoint, e.g. 2GiB")
     p.add_argument("--submission-id", help="use this job id instead of a generated one")
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 1 if it fails")
@@ -84,6 +85,7 @@ def _submit(args: argparse.Namespace) -> int:
         lane=args.lane,
         memory_bytes=memory,
         submission_id=args.submission_id,
+        **({"priority": args.priority} if args.priority is not None else {}),
     )
     print(job_id)
     if args.wait:

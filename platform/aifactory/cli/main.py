@@ -14,6 +14,7 @@ from aifactory.exceptions import FactoryError
 COMMAND_MODULES = [
     "aifactory.cli.cluster",
     "aifactory.cli.jobs",
+    "aifactory.cli.queue",
     "aifactory.cli.run",
     "aifactory.cli.data",
     "aifactory.cli.train",

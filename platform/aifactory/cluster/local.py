@@ -42,6 +42,7 @@ class ClusterState(BaseModel):
     meter_cluster_id: str | None = None  # the collector's cursor name in the ledger; None: no meter started
     meter_sample_interval_s: float | None = None
     meter_window_s: float | None = None
+    dispatcher: bool = False  # the queue's dispatcher actor was started on it
 
 
 def _port_free(port: int) -> bool:
@@ -116,6 +117,7 @@ class LocalCluster:
         meter: bool = True,
         meter_sample_interval_s: float | None = None,
         meter_window_s: float | None = None,
+        dispatcher: bool = True,
     ) -> tuple[ClusterState, bool]:
         """Start the head if it is not running, and the cost meter on it (``meter``: the collector as a
         detached actor that outlives this process and restarts when killed). Returns ``(state, started)``."""
@@ -207,7 +209,41 @@ class LocalCluster:
                 self._kill_processes(state.temp_dir, gcs_address=state.gcs_address)
                 self.state_path.unlink(missing_ok=True)
                 raise ClusterError(f"the cost meter did not start, so the cluster was stopped: {err}") from None
+        if dispatcher:
+            try:
+                state = self.start_dispatcher(state)
+            except (ClusterError, subprocess.TimeoutExpired) as err:
+                self._kill_processes(state.temp_dir, gcs_address=state.gcs_address)
+                self.state_path.unlink(missing_ok=True)
+                raise ClusterError(f"the queue dispatcher did not start, so the cluster was stopped: {err}") from None
         return state, True
+
+    def start_dispatcher(self, state: ClusterState) -> ClusterState:
+        """Start the queue's dispatcher actor on a running head (``factory up`` does); idempotent."""
+        from aifactory.queue.dispatcher import start_dispatcher_process
+
+        start_dispatcher_process(env=self._client_env(), gcs_address=state.gcs_address,
+                                 dashboard_url=state.dashboard_url, home=str(self.home.root))
+        state = state.model_copy(update={"dispatcher": True})
+        self._write_state(state)
+        return state
+
+    def stop_dispatcher(self, state: ClusterState) -> dict:
+        """Stop the dispatcher actor (the queue itself stays in the home: nothing queued is lost)."""
+        from aifactory.queue.dispatcher import stop_dispatcher_process
+
+        out = stop_dispatcher_process(env=self._client_env(), gcs_address=state.gcs_address)
+        if self.state_path.exists():
+            self._write_state(state.model_copy(update={"dispatcher": False}))
+        return out
+
+    def dispatcher_health(self, state: ClusterState) -> dict:
+        """The dispatcher's last pass, from its heartbeat file (no Ray connection)."""
+        from aifactory.queue.dispatcher import health
+
+        if not state.dispatcher:
+            return {"status": "not started", "hint": "factory up starts it"}
+        return health(self.home)
 
     def _client_env(self) -> dict[str, str]:
         """The environment of a Ray driver of this home's head (token auth on)."""
@@ -263,6 +299,14 @@ class LocalCluster:
         state = self.state()
         if state is None:
             return bool(self._kill_processes(self.temp_dir, timeout_s))
+        if state.dispatcher and self.is_alive(state):
+            try:
+                self.stop_dispatcher(state)
+            except (ClusterError, subprocess.TimeoutExpired) as err:  # the queue is durable in the home
+                import logging
+
+                logging.getLogger("aifactory.cluster").warning("the queue dispatcher did not stop before down: %s",
+                                                               err)
         if state.meter_cluster_id is not None and self.is_alive(state):
             try:
                 self.stop_meter(state)

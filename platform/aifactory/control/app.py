@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aifactory.exceptions import (
     AuthenticationError, BudgetExceeded, ClusterUnreachable, ConfigError, FactoryError, IntegrityError,
-    JobNotFound, MeterUnavailable, NotFound, PermissionDenied, QuotaExceeded,
+    JobNotFound, MeterUnavailable, NotFound, PermissionDenied, QueueRefused, QuotaExceeded,
 )
 from aifactory.home import FactoryHome
 from aifactory.security.apikeys import KeyStore, Principal
@@ -128,6 +128,7 @@ _STATUS: list[tuple[type[FactoryError], int, str]] = [
     (JobNotFound, 404, "not_found"),
     (NotFound, 404, "not_found"),
     (ConfigError, 422, "invalid_request"),
+    (QueueRefused, 422, "queue_refused"),
     (QuotaExceeded, 429, "quota_exceeded"),
     (MeterUnavailable, 503, "meter_unavailable"),
     (BudgetExceeded, 402, "budget_exceeded"),
@@ -168,6 +169,8 @@ def _factory_error(request: Request, err: FactoryError) -> JSONResponse:
     fields = []
     if isinstance(err, ConfigError):
         fields = [p.split(":", 1)[0] for p in err.problems]
+    if isinstance(err, QueueRefused):
+        fields = [err.field]
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return _error(status, code, str(err), fields, headers)
 

@@ -104,7 +104,8 @@ class ControlClient:
                slo_class: SLOClass | None = None, working_dir: str | None = None, runtime_env: Any = None,
                num_cpus: float | None = None, num_gpus: float | None = None, memory_bytes: int | None = None,
                entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
-               lane: str | None = None, project: str | None = None, tenant: str | None = None, **unsupported: Any) -> str:
+               lane: str | None = None, project: str | None = None, tenant: str | None = None,
+               priority: int | None = None, **unsupported: Any) -> str:
         """Submit as the key's tenant; returns the submission id."""
         if working_dir or runtime_env or slo_class or any(v is not None for v in unsupported.values()):
             given = [k for k, v in {"working_dir": working_dir, "runtime_env": runtime_env, "slo_class": slo_class,
@@ -117,7 +118,7 @@ class ControlClient:
                                 "workload": WorkloadKind(workload).value}
         for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory_bytes", memory_bytes),
                      ("entrypoint_num_cpus", entrypoint_num_cpus), ("entrypoint_num_gpus", entrypoint_num_gpus),
-                     ("lane", lane),
+                     ("lane", lane), ("priority", priority),
                      ("tenant", tenant or self.tenant)):
             if v is not None:
                 body[k] = v

@@ -18,6 +18,7 @@ from aifactory.control.guard import check_name
 from aifactory.control.schemas import JobLogs, JobStopped, JobSubmit, JobSubmitted
 from aifactory.exceptions import ConfigError, JobNotFound, PermissionDenied
 from aifactory.jobs.client import Client, JobRecord
+from aifactory.queue.view import QueueRow, queue_rows
 from aifactory.registry.service import grant_env
 from aifactory.security.apikeys import Principal
 
@@ -65,6 +66,7 @@ def submit_job(body: JobSubmit, request: Request, principal: CurrentPrincipal) -
         entrypoint_num_gpus=body.entrypoint_num_gpus,
         lane=body.lane,
         memory_bytes=body.memory_bytes,
+        priority=body.priority,
     )
     return JobSubmitted(id=job_id, tenant=tenant)
 
@@ -105,3 +107,30 @@ def job_logs(job_id: JobId, request: Request, principal: CurrentPrincipal,
 def stop_job(job_id: JobId, request: Request, principal: CurrentPrincipal) -> JobStopped:
     client, record = _visible_job(request, principal, job_id)
     return JobStopped(id=record.id, stopped=client.stop(record.id))
+
+
+@router.get("/queue", response_model=list[QueueRow], summary="Your tenant's queue entries (admins: all, or ?tenant=)")
+def list_queue(
+    request: Request,
+    principal: CurrentPrincipal,
+    tenant: Annotated[str | None, Query(max_length=63, description="Admins: only this tenant's entries.")] = None,
+    lane: Annotated[str | None, Query(max_length=63, description="Only this lane's entries.")] = None,
+) -> list[QueueRow]:
+    scope = scope_tenant(principal, tenant)
+    if lane is not None:
+        check_name("lane", lane, "job_id")  # a name of letters, digits, '-' and '_'
+    return queue_rows(state_of(request).home, tenant=scope, lane=lane)
+
+
+@router.post("/queue/{entry_id}/cancel", response_model=QueueRow, summary="Cancel one of your queued entries")
+def cancel_queued(entry_id: JobId, request: Request, principal: CurrentPrincipal) -> QueueRow:
+    from aifactory.queue.door import cancel
+    from aifactory.queue.store import QueueStore
+
+    check_name("entry_id", entry_id, "job_id")
+    home = state_of(request).home
+    entry = QueueStore.of(home).find(entry_id)
+    if entry is None or not principal.can_see(entry.tenant):  # another tenant's id reads as unknown
+        raise not_visible("queue entry", entry_id)
+    cancel(home, entry_id, actor=principal.actor)
+    return next(r for r in queue_rows(home, tenant=entry.tenant) if r.id == entry_id)

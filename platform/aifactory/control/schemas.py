@@ -45,12 +45,16 @@ class JobSubmit(StrictModel):
                                               description="CPUs the driver process reserves (part of num_cpus).")
     entrypoint_num_gpus: float | None = Field(default=None, ge=0, le=1024,
                                               description="GPUs the driver process reserves (part of num_gpus).")
-    lane: Name | None = Field(default=None, description="The lane to queue in (default: factory).")
+    lane: Name | None = Field(default=None, description="The lane to queue in (default: the tenant's in lanes.yaml, "
+                                                         "else factory).")
+    priority: int | None = Field(default=None, ge=0, le=1000,
+                                 description="Priority within the lane (default: the lane's default_priority); "
+                                             "outside the lane's range: 422 naming `priority`.")
     memory_bytes: int | None = Field(default=None, ge=0, le=1 << 50, description="Memory reserved, in bytes.")
 
 
 class JobSubmitted(BaseModel):
-    id: str = Field(description="The submission id.")
+    id: str = Field(description="The job's id: its queue entry, and its first Ray submission id.")
     tenant: str = Field(description="The tenant the job was tagged with (from the API key).")
 
 
