@@ -66,3 +66,16 @@ def test_consolidated_state_loads_into_a_plain_model(tmp_path):
     loaded = load_gpt(str(path), json.loads(CFG.model_dump_json()))
     idx = torch.randint(0, 259, (1, 8))
     torch.testing.assert_close(loaded(idx), model.eval()(idx))
+
+
+def test_round_trip_restores_the_rng_state_so_dropout_draws_the_same_masks(tmp_path):
+    model, opt = _model_and_opt(0)
+    path = tmp_path / "step_00003"
+    torch.manual_seed(123)
+    torch.rand(5)  # the stream has moved on, as after some training steps with dropout
+    ckpt.save_sharded(str(path), model=model, optimizer=opt, trainer_state={"step": 3})
+    expected = torch.rand(8)  # what the uninterrupted run draws next
+    torch.manual_seed(0)  # a resumed worker reseeds at start
+    ckpt.load_sharded(str(path), model=model, optimizer=opt)
+    assert torch.equal(torch.rand(8), expected)
+    assert (path / ckpt.RNG_FILE.format(rank=0)).is_file()

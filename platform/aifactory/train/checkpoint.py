@@ -9,6 +9,11 @@ lose that checkpoint's registration (written, not yet recorded: ../shared/RAY-2.
 the restarted group then sees ``None`` or an older one; :func:`newest_complete_checkpoint` falls back to
 the newest *complete* directory in storage (``.metadata``, ``trainer_state.json`` and every shard file the
 metadata names are present), so the run loses at most one checkpoint interval.
+
+Each rank also writes its RNG state (``rng_state_rank<r>.pt``, CPU and the current CUDA device): a resumed
+run reseeds at start, so without it dropout would draw other masks than the uninterrupted run after the
+resume step. A checkpoint without the file (older ones, or a rank a resharded run did not have) resumes
+with the seeded state.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_state_rank{rank}.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -46,7 +52,12 @@ def save_sharded(path: str, *, model, optimizer, trainer_state: dict[str, Any]) 
     """DCP-save this rank's shard of model + optimizer into ``path``; rank 0 adds the trainer state."""
     os.makedirs(path, exist_ok=True)
     dcp.save(_app_state(model, optimizer), checkpoint_id=path)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, os.path.join(path, RNG_FILE.format(rank=rank)))
+    if rank == 0:
         with open(os.path.join(path, STATE_FILE), "w") as f:
             json.dump(trainer_state, f)
 
@@ -56,6 +67,12 @@ def load_sharded(path: str, *, model, optimizer) -> dict[str, Any]:
     state = _app_state(model, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_path = os.path.join(path, RNG_FILE.format(rank=dist.get_rank() if dist.is_initialized() else 0))
+    if os.path.isfile(rng_path):
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
 
