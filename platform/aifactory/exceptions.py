@@ -156,6 +156,28 @@ class BudgetExceeded(FactoryError):
         return (self.__class__, (self.tenant, self.period, self.spent_usd, self.limit_usd))
 
 
+class Preempted(FactoryError):
+    """A training run yielded to higher-priority work (``aifactory.train.yielding``): it saved a checkpoint at
+    ``step`` and stopped; running it again with the same run id resumes from there. Not a failure.
+
+    Its exit code is 75, sysexits' EX_TEMPFAIL ("temporary failure; the user is invited to retry"): what a
+    dispatcher reads from ``factory train`` / ``python -m jobs.train`` to put the run back in its queue.
+    """
+
+    exit_code = 75
+
+    def __init__(self, run_id: str, step: int, reason: str = ""):
+        self.run_id = run_id
+        self.step = step
+        self.reason = reason
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"training run {run_id} was preempted at step {step}{why}: its checkpoint is kept; "
+                         f"run it again with the same run id (AIFACTORY_RUN_ID={run_id}) to resume from step {step}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.run_id, self.step, self.reason))
+
+
 class QueueRefused(FactoryError):
     """Work the queue will never start as asked (an unknown lane, a tenant not allowed there, a priority out of
     the lane's range, more than the whole cluster, over a limit by itself): refused at once, never queued."""

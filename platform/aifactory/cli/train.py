@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from aifactory.cli._common import add_address, home_of
 from aifactory.cli._output import add_format, emit, emit_obj, progress
@@ -17,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override the number of steps")
     p.add_argument("--workers", type=int, help="override the number of Train workers")
     p.add_argument("--tenant", help="override the recipe's tenant")
+    p.add_argument("--run-id", dest="run_id", default=os.environ.get("AIFACTORY_RUN_ID") or None,
+                   help="use this run id (default: $AIFACTORY_RUN_ID); a preempted run's id resumes it")
     add_address(p)
     add_format(p)
     p.set_defaults(func=_train)
@@ -76,15 +79,20 @@ def _summary(out) -> dict:
 def _train(args: argparse.Namespace) -> int:
     import ray
 
+    from aifactory.exceptions import Preempted
     from aifactory.recipes import build_job
     from aifactory.train.runner import run_training
+    from aifactory.train.yielding import PREEMPTED_EXIT_CODE
 
     home = home_of(args).ensure()
     job = build_job(recipe=args.recipe or (None if args.config else "tiny"), config=args.config,
                     dataset=args.dataset, max_steps=args.max_steps, workers=args.workers, tenant=args.tenant)
     try:  # admitted first, connected after: a refused run leaves no driver job on the cluster
-        out = run_training(job, home=home, log=progress, cluster_gpus=_cluster_gpus(args, home),
+        out = run_training(job, home=home, run_id=args.run_id, log=progress, cluster_gpus=_cluster_gpus(args, home),
                            connect=lambda: _connect(args, home, job))
+    except Preempted as err:  # it yielded when asked: a result to report, not an error (exit 75: re-queue it)
+        emit_obj({"run_id": err.run_id, "status": "preempted", "step": err.step, "reason": err.reason}, args.format)
+        return PREEMPTED_EXIT_CODE
     finally:
         ray.shutdown()
     emit_obj(_summary(out), args.format)

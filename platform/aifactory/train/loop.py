@@ -4,7 +4,12 @@ Reproducibility: every rank seeds the same initialisation, reads its files in th
 deterministic mode (``read_deterministic``: files permuted by ``(seed, epoch)``, dealt by rank, rows in
 order) and, on resume at step ``s``, skips exactly the ``s`` batches it consumed before. Every rank steps
 the same number of times (each cycles through its own epochs), so collectives always pair up. A resumed
-run therefore replays the uninterrupted run's batches, and its losses match.
+run therefore replays the uninterrupted run's batches, and its losses match; each rank's RNG state travels
+with the checkpoint, so dropout draws the same masks too.
+
+Preemption (:mod:`aifactory.train.yielding`): rank 0 stats the run's yield-request file after every step and
+broadcasts what it saw, so every rank stops after the same step; they checkpoint there as at any checkpoint
+(validation and registration only on the scheduled steps), report it with ``preempted`` set, and return.
 """
 
 from __future__ import annotations
@@ -123,6 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from aifactory.train.metrics import RayTrainMetrics, TrainingPeakMemory, mfu, peak_flops
     from aifactory.models.build import build_sharded
     from aifactory.train.parallel import ComputeDtypeProbe, autocast_context, current_device, pin_cpu_malloc_threshold
+    from aifactory.train.yielding import read_request, request_path
 
     payload = WorkerPayload.model_validate(config)  # validate again on this side of the boundary
     job = payload.job
@@ -148,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # ---- resume ---------------------------------------------------------------------------------------
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "val_curve": [], "best_validated": None,
-                             "registered": [], "restarts": []}
+                             "registered": [], "restarts": [], "preemptions": []}
     resume = None
     if rank == 0:
         reported = ray.train.get_checkpoint()
@@ -165,7 +171,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resume = (resume[0], ray.train.get_checkpoint().to_directory())  # remote storage: each rank fetches it
     if resume is not None:
         state = ckpt.load_sharded(resume[1], model=model, optimizer=optimizer)
-        state["restarts"].append({"from_step": resume[0], "path": str(resume[1]), "at": time.time()})
+        state.setdefault("preemptions", [])
+        # Resuming the checkpoint a yield wrote is the preemption's second half, not a retry after a fault.
+        cause = "preemption" if state["preemptions"] and state["preemptions"][-1]["step"] == resume[0] else "failure"
+        state["restarts"].append({"from_step": resume[0], "path": str(resume[1]), "at": time.time(), "cause": cause})
 
     # ---- data -----------------------------------------------------------------------------------------
     val_all = []
@@ -210,6 +219,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     save_times: list[float] = []
     train_losses: list[float] = []
     fault_marker = home.runs_dir / payload.run_id / f".fault-rank{job.faults.kill_rank}-step{job.faults.kill_at_step}"
+    yield_path = request_path(home, payload.run_id)
+    yield_flag = torch.zeros(1, dtype=torch.int32, device=dev.device)
+
+    def yield_request():
+        """Rank 0's pending yield request (one stat per step), and whether every rank stops after this step:
+        rank 0 decides and broadcasts it (a one-int collective), so no rank waits in a collective another left."""
+        request = read_request(home, payload.run_id) if rank == 0 and yield_path.exists() else None
+        if world == 1:
+            return request, request is not None
+        yield_flag.fill_(int(request is not None))
+        dist.broadcast(yield_flag, src=0)
+        return request, bool(yield_flag.item())
 
     def rank_stats() -> dict[str, Any]:
         timed = meter.wait_s + meter.compute_s
@@ -243,21 +264,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["tokens_seen"] += tokens_per_step * world
         state["step"] = step
 
-        if step % job.checkpoint.every_steps and step != job.steps:
+        request, stop = yield_request() if step < job.steps else (None, False)  # the last step just finishes
+        scheduled = step % job.checkpoint.every_steps == 0 or step == job.steps
+        if not (scheduled or stop):
             continue
-        # ---- checkpoint: validate, gate, register, save, report ---------------------------------------
-        val_loss = evaluate()
-        validated = gate_passes(val_loss, gate=job.validation.gate, best_validated=state["best_validated"])
-        entry = {"step": step, "val_loss": val_loss, "train_loss": sum(train_losses) / max(len(train_losses), 1),
-                 "validated": validated, "model_version": None}
-        train_losses.clear()
-        if validated:
-            state["best_validated"] = val_loss
-            if job.validation.register_validated:
-                entry["model_version"] = _register(model, payload, version.version, step, val_loss, rank, ckpt)
-                if entry["model_version"]:
-                    state["registered"].append({"step": step, "version": entry["model_version"], "val_loss": val_loss})
-        state["val_curve"] = [e for e in state["val_curve"] if e["step"] < step] + [entry]
+        if scheduled:
+            # ---- checkpoint: validate, gate, register, save, report -----------------------------------
+            val_loss = evaluate()
+            validated = gate_passes(val_loss, gate=job.validation.gate, best_validated=state["best_validated"])
+            entry = {"step": step, "val_loss": val_loss, "train_loss": sum(train_losses) / max(len(train_losses), 1),
+                     "validated": validated, "model_version": None}
+            train_losses.clear()
+            if validated:
+                state["best_validated"] = val_loss
+                if job.validation.register_validated:
+                    entry["model_version"] = _register(model, payload, version.version, step, val_loss, rank, ckpt)
+                    if entry["model_version"]:
+                        state["registered"].append({"step": step, "version": entry["model_version"], "val_loss": val_loss})
+            state["val_curve"] = [e for e in state["val_curve"] if e["step"] < step] + [entry]
+        # A yield between scheduled steps checkpoints the state only: the val curve and the registered versions
+        # stay those of the scheduled steps, as in a run that was never preempted. Rank 0 writes the trainer state.
+        preempted = None
+        if stop:
+            preempted = {"step": step, "reason": request.reason if request else "",
+                         "request_id": request.request_id if request else None, "at": time.time()}
+            state["preemptions"] = [p for p in state["preemptions"] if p["step"] < step] + [preempted]
 
         stats = rank_stats()
         t_save = time.perf_counter()
@@ -276,9 +307,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report = _run_metrics(state, gathered, device=dev.name, backend=dev.backend, peak_source=peak.source,
                               peak=peak.flops, seq_len=seq_len, flops_per_token=flops_per_token, world=world,
                               save_times=save_times)
+        report["preempted"] = preempted  # rank 0's report is the one Ray keeps: the driver reads it there
         from ray.train import Checkpoint
 
         ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=ckpt.step_dir_name(step))
+        if stop:
+            return  # every rank stops after this same step (the broadcast above)
         memory.start()  # a new window: the save's state-dict copies are not training memory
 
 
@@ -318,10 +352,11 @@ def _run_metrics(state, gathered, *, device, backend, peak_source, peak, seq_len
     return {
         "step": state["step"],
         "tokens_seen": state["tokens_seen"],
-        "val_loss": state["val_curve"][-1]["val_loss"],
+        "val_loss": state["val_curve"][-1]["val_loss"] if state["val_curve"] else None,  # None: yielded before validating
         "val_curve": state["val_curve"],
         "registered": state["registered"],
         "restarts": state["restarts"],
+        "preemptions": state["preemptions"],
         "tokens_per_s": sum(g["tokens_per_s"] for g in gathered),
         "data_wait_fraction": sum(g["data_wait_fraction"] for g in gathered) / world,
         "data_wait_s": sum(g["wait_s"] for g in gathered),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory.config import config_hash
-from aifactory.exceptions import ConfigError, FactoryError, error_line
+from aifactory.exceptions import ConfigError, FactoryError, Preempted, error_line
 from aifactory.home import FactoryHome, is_uri
 from aifactory.train import runs
 from aifactory.train.config import TrainJob
@@ -51,9 +51,11 @@ class TrainOutcome:
 
 def record_outcome_events(handle, manifest: dict[str, Any]) -> None:
     """The run's retries and validated checkpoints as cost events of its workload (``run`` and
-    ``run_failed`` come from the launch path), so "cost per validated checkpoint" counts failed runs too."""
+    ``run_failed`` come from the launch path), so "cost per validated checkpoint" counts failed runs too.
+    Resuming after a preemption is not a retry: the run did not fail, it was asked to make room."""
     metrics = manifest.get("metrics") or {}
-    for i, _ in enumerate(metrics.get("restarts") or []):
+    retries = [r for r in metrics.get("restarts") or [] if r.get("cause") != "preemption"]
+    for i, _ in enumerate(retries):
         handle.event("retry", f"retry:{i}")
     for reg in metrics.get("registered") or []:
         handle.event("checkpoint_validated", f"validated:{reg['version']}")
@@ -97,12 +99,15 @@ def run_training(
 ) -> TrainOutcome:
     """Launch ``job`` on the connected cluster through the front door (admission, run record, cost events);
     return the outcome (raises QuotaExceeded/BudgetExceeded before anything starts, TrainingFailed on
-    failure). ``within``: the admitted workload this run is part of (a sweep's trial), see ``launch``.
+    failure, Preempted when it yielded: see :mod:`aifactory.train.yielding`); the ``run_id`` of a preempted
+    run resumes it from the checkpoint it yielded at. ``within``: the admitted workload this run is part of
+    (a sweep's trial), see ``launch``.
     ``connect`` (with ``cluster_gpus``, what the cluster has, for ``use_gpu`` left unset): start the Ray driver
     only after admission, so a refused run leaves no driver job behind (``factory train`` does)."""
     import ray
 
     from aifactory.train.parallel import resolve_use_gpu
+    from aifactory.train.yielding import request_path
     from aifactory.workloads import launch
 
     if not ray.is_initialized() and connect is None:
@@ -115,6 +120,7 @@ def run_training(
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=cluster_gpus)
     run_id = run_id or runs.new_run_id()
+    request_path(home, run_id)  # a run id is a directory name (runs, checkpoints): refuse one that is not, up front
     return launch(train_workload(job, use_gpu=use_gpu), home=home, record_id=run_id, within=within, connect=connect,
                   run=lambda handle: _fit(job, home=home, handle=handle, use_gpu=use_gpu, parent_run=parent_run,
                                           log=log))
@@ -170,9 +176,25 @@ def _fit(job: TrainJob, *, home: FactoryHome, handle, use_gpu: bool, parent_run:
     from aifactory.registry.service import Registration
     from aifactory.train.loop import WorkerPayload, train_loop_per_worker
     from aifactory.train.parallel import backend_for
+    from aifactory.train.yielding import clear_yield
 
     run_id = handle.id
+    previous = runs.read_manifest(home, run_id) if runs.manifest_path(home, run_id).is_file() else None
+    resuming = previous is not None and previous.get("status") == "preempted"
+    if resuming and job.data.dataset_version is None:  # the data it yielded on, not a newer version
+        job = job.model_copy(update={"data": job.data.model_copy(update={"dataset_version": previous["dataset_version"]})})
     job, version = pin_dataset(job, home)
+    if resuming:
+        if config_hash(job) != previous.get("config_hash"):
+            raise ConfigError(f"resume of preempted run {run_id}", [
+                f"job: config hash {config_hash(job)} differs from the preempted run's {previous.get('config_hash')}; "
+                "resume it with the job it ran (its manifest's `job`), or start a new run id"])
+        # The request it honoured is done with; one written since is for this attempt, which honours it.
+        honoured = previous["preemptions"][-1]
+        if honoured.get("request_id"):
+            clear_yield(home, run_id, request_id=honoured["request_id"])
+        else:
+            clear_yield(home, run_id)
     # A job the control plane launched registers through it with its grant (the tenant is the grant's, not
     # job.tenant); the operator's own runs register in-process, which needs the signing key.
     registration = Registration.from_env()
@@ -189,7 +211,10 @@ def _fit(job: TrainJob, *, home: FactoryHome, handle, use_gpu: bool, parent_run:
         "project": job.tenant.project, "job": job.model_dump(mode="json"), "dataset_version": version.version,
         "code_version": str(code), "config_hash": payload.config_hash, "seed": job.seed, "parent_run": parent_run,
         "use_gpu": use_gpu, "backend": backend_for(use_gpu), "storage_path": storage, "started_at": runs.utc_now(),
+        "preemptions": list(previous.get("preemptions") or []) if resuming else [],
     }
+    if resuming:
+        manifest["resumed_from_step"] = previous["preemptions"][-1]["step"]
     runs.write_manifest(home, run_id, manifest)
     handle.ref("run_id", run_id)
     log(f"train {run_id}: {job.model.name} {job.sharding}+{job.precision} on {job.scaling.num_workers} "
@@ -204,13 +229,23 @@ def _fit(job: TrainJob, *, home: FactoryHome, handle, use_gpu: bool, parent_run:
     if result is not None:
         manifest["metrics"] = dict(result.metrics or {})
         manifest["checkpoint_path"] = getattr(result.checkpoint, "path", None)
-    manifest["status"] = "failed" if error is not None else "succeeded"
+    preempted = manifest.get("metrics", {}).get("preempted") if error is None else None
+    manifest["status"] = "failed" if error is not None else "preempted" if preempted else "succeeded"
     if error is not None:
         manifest["error"] = error_line(error)
+    if preempted:
+        manifest["preempted"] = preempted
+        manifest["preemptions"].append(preempted)
+    else:
+        clear_yield(home, run_id)  # it ended without honouring a request: nothing is left to yield
     runs.write_manifest(home, run_id, manifest)
     record_outcome_events(handle, manifest)
     if error is not None:
         raise TrainingFailed(run_id, manifest["error"])
+    if preempted:
+        log(f"train {run_id}: preempted at step {preempted['step']} after {manifest['wall_s']:.1f}s; "
+            f"resume with the same run id")
+        raise Preempted(run_id, preempted["step"], preempted.get("reason") or "")
     log(f"train {run_id}: done in {manifest['wall_s']:.1f}s, val_loss {manifest['metrics'].get('val_loss')}")
     return TrainOutcome(run_id, manifest)
 

@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field
 
 from aifactory.config import StrictModel
-from aifactory.exceptions import NotFound, error_line
+from aifactory.exceptions import NotFound, Preempted, error_line
 from aifactory.home import FactoryHome
 from aifactory.workloads.spec import Workload
 
@@ -166,6 +166,12 @@ def launch(workload: Workload, *, home: FactoryHome, run: Callable[[RunHandle], 
         _write(home, record)
         handle.event("run", "run")
         result = run(handle)
+    except Preempted as err:  # it made room when asked: not a failure, and it resumes under the same id
+        record.status, record.finished_at = "preempted", time.time()
+        record.error = None
+        record.refs["preempted_at_step"] = str(err.step)
+        _write(home, record)
+        raise
     except BaseException as err:
         record.status, record.finished_at = "failed", time.time()
         record.error = error_line(err)[:500]
