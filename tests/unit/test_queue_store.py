@@ -188,3 +188,24 @@ def test_cancel_takes_a_queued_entry_out_and_refuses_a_running_one(home):
     table.end(running.id)
     dispatch_once(home, client=table, view=View())
     assert queued.id not in table.jobs
+
+
+def test_train_and_bench_run_check_their_lane_before_anything_starts(home):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aifactory.exceptions import QueueRefused
+    from aifactory.queue.door import resolve_lane
+
+    (home.root / "lanes.yaml").write_text("lanes:\n  factory: {priority: 100}\n  learning: {priority: 10}\n"
+                                          "  vip: {priority: 50, allowed_tenants: [b]}\ntenant_lanes: {a: learning}\n")
+    assert resolve_lane(home, "a", None) == "learning" and resolve_lane(home, "b", "vip") == "vip"
+    with pytest.raises(QueueRefused) as err:
+        resolve_lane(home, "a", "vip")
+    assert err.value.field == "lanes.vip.allowed_tenants"
+    factory = str(Path(sys.executable).parent / "factory")
+    # `factory bench run --lane` is checked by the same resolve_lane before its cluster starts
+    proc = subprocess.run([factory, "--home", str(home.root), "train", "--recipe", "tiny", "--tenant", "a",
+                           "--lane", "nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "QueueRefused(field='lane', value='nope'" in proc.stderr, proc.stderr

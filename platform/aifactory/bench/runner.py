@@ -117,16 +117,17 @@ def run_sweep(
     dataset_version: str | None = None,
     model_version: str | None = None,
     log: Callable[[str], None] = _stderr,
+    lane: str | None = None,
 ) -> SweepOutcome:
     """Launch ``spec`` through the front door (admission, run record, cost events) and run every trial on
-    the connected cluster; store the records; return them."""
+    the connected cluster; store the records; return them. ``lane``: the lane it runs in (default factory)."""
     import ray
     from ray import tune
 
     from aifactory.bench.outcomes import price_outcomes
     from aifactory.config import config_hash
     from aifactory.tenancy import WorkloadKind
-    from aifactory.workloads import Resources, Workload, launch
+    from aifactory.workloads import DEFAULT_LANE, Resources, Workload, launch
 
     if not ray.is_initialized():
         raise ClusterError("run_sweep needs a connected Ray cluster: call it from an entrypoint "
@@ -151,7 +152,7 @@ def run_sweep(
     # What the sweep holds at once: its widest trial times the trials Tune runs side by side.
     peak_cpus = max(spec.per_trial_cpus(t.knobs) for t in trials) * concurrency
     workload = Workload(kind=WorkloadKind.BENCH, tenant=spec.tenant, name=f"bench {spec.name}",
-                        resources=Resources(cpu=peak_cpus), config_hash=config_hash(spec))
+                        lane=lane or DEFAULT_LANE, resources=Resources(cpu=peak_cpus), config_hash=config_hash(spec))
 
     def sweep(handle) -> SweepOutcome:
         handle.ref("bench_run", run_id)

@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a spec field, e.g. --set repeats=5 --set load.concurrency=32 (repeatable)")
     r.add_argument("--num-cpus", type=int, help="logical CPUs of an embedded cluster (when none is running)")
     r.add_argument("--no-report", action="store_true", help="store the records only")
+    r.add_argument("--lane", help="the lane the sweep runs in (default: the tenant's in lanes.yaml, else factory)")
     r.set_defaults(func=_run)
 
     c = bsub.add_parser("compare", help="flag configurations whose median got worse (disjoint 95%% CIs)")
@@ -73,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     from aifactory.cluster.connect import init_ray, resolve_address
     from aifactory.config import config_hash
     from aifactory.provenance import code_version
+    from aifactory.queue.door import resolve_lane
     from aifactory.tenancy import WorkloadKind, job_metadata
 
     home = home_of(args).ensure()
@@ -82,11 +84,12 @@ def _run(args: argparse.Namespace) -> int:
     code = code_version()
     meta = job_metadata(tenant, workload=WorkloadKind.BENCH, config_hash=config_hash(spec), code_version=code.sha,
                         code_dirty=code.dirty, extra={"entrypoint": "factory bench run", "bench_spec": spec.name})
+    lane = resolve_lane(home, tenant.tenant, args.lane)  # before any cluster: a bad lane starts nothing
     address = resolve_address(home, args.address)
     progress("starting an embedded Ray cluster ..." if address is None else f"connecting to {address.dashboard_url} ...")
     init_ray(home, address=address, job_metadata=meta, num_cpus=args.num_cpus)
     try:
-        outcome = run_sweep(spec, home=home, log=progress)
+        outcome = run_sweep(spec, home=home, log=progress, lane=lane)
     finally:
         ray.shutdown()
     print(f"run {outcome.run.run_id}: {outcome.run.num_trials - outcome.run.num_failed}/{outcome.run.num_trials} "

@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", dest="max_steps", type=int, help="override the number of steps")
     p.add_argument("--workers", type=int, help="override the number of Train workers")
     p.add_argument("--tenant", help="override the recipe's tenant")
+    p.add_argument("--lane", help="the lane it runs in (default: the tenant's in lanes.yaml, else factory)")
     p.add_argument("--run-id", dest="run_id", default=os.environ.get("AIFACTORY_RUN_ID") or None,
                    help="use this run id (default: $AIFACTORY_RUN_ID); a preempted run's id resumes it")
     add_address(p)
@@ -80,6 +81,7 @@ def _train(args: argparse.Namespace) -> int:
     import ray
 
     from aifactory.exceptions import Preempted
+    from aifactory.queue.door import resolve_lane
     from aifactory.recipes import build_job
     from aifactory.train.runner import run_training
     from aifactory.train.yielding import PREEMPTED_EXIT_CODE
@@ -89,7 +91,8 @@ def _train(args: argparse.Namespace) -> int:
                     dataset=args.dataset, max_steps=args.max_steps, workers=args.workers, tenant=args.tenant)
     try:  # admitted first, connected after: a refused run leaves no driver job on the cluster
         out = run_training(job, home=home, run_id=args.run_id, log=progress, cluster_gpus=_cluster_gpus(args, home),
-                           connect=lambda: _connect(args, home, job))
+                           connect=lambda: _connect(args, home, job),
+                           lane=resolve_lane(home, job.tenant.tenant, args.lane))
     except Preempted as err:  # it yielded when asked: a result to report, not an error (exit 75: re-queue it)
         emit_obj({"run_id": err.run_id, "status": "preempted", "step": err.step, "reason": err.reason}, args.format)
         return PREEMPTED_EXIT_CODE

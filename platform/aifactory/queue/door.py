@@ -60,6 +60,21 @@ def enqueue(home, workload: Workload, *, payload: Mapping[str, Any], actor: str,
     return QueueStore.of(home).add(entry)
 
 
+def resolve_lane(home, tenant: str, lane: str | None) -> str:
+    """The lane work of ``tenant`` goes to (the one named, else the tenant's default, else ``factory``); raises
+    :class:`QueueRefused` for an unknown lane or one the tenant may not use. For the doors that launch without
+    queueing (``factory train``, ``factory bench run``), so that their ``--lane`` is checked the same way."""
+    lanes = load_lanes(home)
+    name = lanes.lane_of(tenant, lane)
+    found = lanes.lanes.get(name)
+    if found is None:
+        raise QueueRefused("lane", name, f"one of {sorted(lanes.lanes)}", "name a configured lane (lanes.yaml)")
+    if found.allowed_tenants is not None and tenant not in found.allowed_tenants:
+        raise QueueRefused(f"lanes.{name}.allowed_tenants", tenant, sorted(found.allowed_tenants),
+                           f"tenant {tenant!r} may not use lane {name!r}; pick another --lane")
+    return name
+
+
 def cancel(home, entry_id: str, *, actor: str) -> QueueEntry:
     """Cancel a queued entry (``queued -> cancelled``); raises when it is no longer queued (stop the job)."""
     from aifactory.exceptions import FactoryError
@@ -76,4 +91,4 @@ def cancel(home, entry_id: str, *, actor: str) -> QueueEntry:
     return done
 
 
-__all__ = ["REFUSALS", "cancel", "enqueue"]
+__all__ = ["REFUSALS", "cancel", "enqueue", "resolve_lane"]

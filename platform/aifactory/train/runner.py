@@ -61,13 +61,14 @@ def record_outcome_events(handle, manifest: dict[str, Any]) -> None:
         handle.event("checkpoint_validated", f"validated:{reg['version']}")
 
 
-def train_workload(job: TrainJob, *, use_gpu: bool, kind=None, name: str | None = None):
-    """The workload a training run is launched as: its tenant, and workers x per-worker resources."""
+def train_workload(job: TrainJob, *, use_gpu: bool, kind=None, name: str | None = None, lane: str | None = None):
+    """The workload a training run is launched as: its tenant, its lane, and workers x per-worker resources."""
     from aifactory.tenancy import WorkloadKind
-    from aifactory.workloads import Workload
+    from aifactory.workloads import DEFAULT_LANE, Workload
 
     return Workload(kind=kind or WorkloadKind.TRAIN, tenant=job.tenant, name=name or job.model.name,
-                    resources=job.scaling.resources(use_gpu=use_gpu), config_hash=config_hash(job))
+                    lane=lane or DEFAULT_LANE, resources=job.scaling.resources(use_gpu=use_gpu),
+                    config_hash=config_hash(job))
 
 
 def pin_dataset(job: TrainJob, home: FactoryHome, *, checksum: bool = True):
@@ -95,7 +96,7 @@ def pin_dataset(job: TrainJob, home: FactoryHome, *, checksum: bool = True):
 def run_training(
     job: TrainJob, *, home: FactoryHome, run_id: str | None = None, parent_run: str | None = None,
     log: Callable[[str], None] = lambda msg: None, within: str | None = None,
-    connect: Callable[[], object] | None = None, cluster_gpus: float | None = None,
+    connect: Callable[[], object] | None = None, cluster_gpus: float | None = None, lane: str | None = None,
 ) -> TrainOutcome:
     """Launch ``job`` on the connected cluster through the front door (admission, run record, cost events);
     return the outcome (raises QuotaExceeded/BudgetExceeded before anything starts, TrainingFailed on
@@ -121,7 +122,7 @@ def run_training(
     use_gpu = resolve_use_gpu(job.scaling.use_gpu, cluster_gpus=cluster_gpus)
     run_id = run_id or runs.new_run_id()
     request_path(home, run_id)  # a run id is a directory name (runs, checkpoints): refuse one that is not, up front
-    return launch(train_workload(job, use_gpu=use_gpu), home=home, record_id=run_id, within=within, connect=connect,
+    return launch(train_workload(job, use_gpu=use_gpu, lane=lane), home=home, record_id=run_id, within=within, connect=connect,
                   run=lambda handle: _fit(job, home=home, handle=handle, use_gpu=use_gpu, parent_run=parent_run,
                                           log=log))
 
