@@ -23,6 +23,36 @@ class BatchingConfig(StrictModel):
     )
 
 
+class ContinuousBatchingConfig(StrictModel):
+    """Iteration-level batching of a completions replica (``aifactory.serve.engine_cb``): the budgets each step
+    of the engine respects. Every step, finished sequences leave and waiting ones join."""
+
+    max_num_seqs: int = Field(
+        32, ge=1, le=4096, description="Most sequences in the running batch at once (rows that hold KV state).")
+    max_tokens_per_step: int = Field(
+        256, ge=1, le=1 << 16,
+        description="Token budget of one step: each running decode takes 1 and goes first; prompts are prefilled in "
+        "chunks from what is left, so a long prompt never stalls the running decodes. Larger: faster prefill, "
+        "slower steps (more time between a decode's tokens).")
+    kv_block_tokens: int = Field(
+        16, ge=1, le=4096, description="Positions per KV-cache block, the unit in which sequences get KV memory.")
+    kv_blocks: int | None = Field(
+        None, ge=1,
+        description="KV-cache blocks of the replica; null = enough for max_num_seqs sequences of the model's full "
+        "seq_len (never preempts). Fewer bound the memory: when none is free, the lowest-priority newest sequence is "
+        "preempted and recomputed later.")
+    priority_preemption: bool = Field(
+        True, description="A waiting interactive request may preempt a running batch-class one to get a row or KV "
+        "blocks (the batch request is recomputed later), so a batch flood cannot hold the batch against it.")
+
+    @model_validator(mode="after")
+    def _decodes_fit(self) -> ContinuousBatchingConfig:
+        if self.max_tokens_per_step < self.max_num_seqs:
+            raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) < max_num_seqs ({self.max_num_seqs}): "
+                             "every running sequence decodes one token per step, so the budget must hold them all")
+        return self
+
+
 class AutoscalingSpec(StrictModel):
     """Replica autoscaling of one deployment; ``slo_aware`` adds the p95-vs-SLO custom policy."""
 

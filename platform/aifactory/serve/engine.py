@@ -80,6 +80,7 @@ class GenItem:
     temperature: float = 0.0
     seed: int | None = None
     tenant: str = "-"
+    slo_class: str = "interactive"  # "interactive" or "batch": the continuous engine admits interactive first
 
 
 @dataclass
