@@ -145,8 +145,9 @@ def _attention(attn, h: torch.Tensor, batch: RaggedBatch, k_pool: torch.Tensor, 
     if plan is not None:
         b = plan.table.shape[0]
         # (B, blocks, block_tokens, H, D) -> (B, H, L, D)
-        kk = k_pool[plan.table].reshape(b, -1, nh, hd).transpose(1, 2).to(q.dtype)
-        vv = v_pool[plan.table].reshape(b, -1, nh, hd).transpose(1, 2).to(q.dtype)
+        flat = plan.table.view(-1)
+        kk = k_pool.index_select(0, flat).view(b, -1, nh, hd).transpose(1, 2).to(q.dtype)
+        vv = v_pool.index_select(0, flat).view(b, -1, nh, hd).transpose(1, 2).to(q.dtype)
         qq = q.index_select(0, plan.rows)[:, :, None, :]  # (B, H, 1, D)
         out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=plan.mask)
         y.index_copy_(0, plan.rows, out[:, :, 0, :])
@@ -155,8 +156,8 @@ def _attention(attn, h: torch.Tensor, batch: RaggedBatch, k_pool: torch.Tensor, 
             continue
         end = c.context_len
         blocks = torch.tensor(c.block_ids[:-(-end // k_pool.shape[1])], dtype=torch.long, device=h.device)
-        kk = k_pool[blocks].reshape(-1, nh, hd)[:end].transpose(0, 1)[None].to(q.dtype)  # (1, H, end, D)
-        vv = v_pool[blocks].reshape(-1, nh, hd)[:end].transpose(0, 1)[None].to(q.dtype)
+        kk = k_pool.index_select(0, blocks).view(-1, nh, hd)[:end].transpose(0, 1)[None].to(q.dtype)  # (1, H, end, D)
+        vv = v_pool.index_select(0, blocks).view(-1, nh, hd)[:end].transpose(0, 1)[None].to(q.dtype)
         qq = q[c.offset:c.offset + c.num_tokens].transpose(0, 1)[None]  # (1, H, t, D)
         if c.start_pos == 0:
             out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
