@@ -29,6 +29,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("p50_ms", "lower", "ms", "serving"),
     Metric("p95_ms", "lower", "ms", "serving"),
     Metric("p99_ms", "lower", "ms", "serving"),
+    Metric("ttft_p50_ms", "lower", "ms", "serving"),  # time to first token (generation engines)
+    Metric("ttft_p99_ms", "lower", "ms", "serving"),
     Metric("error_rate", "lower", "", "serving"),
     Metric("cost_per_1k_requests_usd", "lower", "USD", "serving"),
     Metric("requests_per_usd", "higher", "req/USD", "serving"),

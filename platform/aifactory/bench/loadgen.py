@@ -56,6 +56,22 @@ def open_loop_offsets(rate_rps: float, duration_s: float) -> list[float]:
     return [i / rate_rps for i in range(int(rate_rps * duration_s))]
 
 
+def poisson_offsets(rate_rps: float, num_requests: int, *, seed: int = 0) -> list[float]:
+    """When each of ``num_requests`` Poisson arrivals at ``rate_rps`` comes (seconds after the start): gaps drawn
+    from an exponential distribution of mean ``1 / rate_rps``, seeded, so every variant of a benchmark sees the
+    same arrivals."""
+    import random
+
+    if rate_rps <= 0 or num_requests < 0:
+        raise ValueError(f"rate_rps must be > 0 and num_requests >= 0, got {rate_rps} and {num_requests}")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(num_requests):
+        out.append(t)
+        t += rng.expovariate(rate_rps)
+    return out
+
+
 @dataclass(frozen=True)
 class Answer:
     """What ``on_ok`` sees of a successful answer (read after the clock stopped)."""
