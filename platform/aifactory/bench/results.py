@@ -205,7 +205,9 @@ def record_benchmark(name: str, variants: dict[str, list[dict[str, Any]]], *, ou
         for repeat, metrics in enumerate(runs):
             m = dict(metrics)
             m.update(price_outcomes(m, family=family, book=book, region=region, tenant=tenant,
-                                    unavailable_reason=reason))
+                                    unavailable_reason=reason,
+                                    metered_reason="a benchmarks/ script's own measurement: priced from the "
+                                                   "resources it declares it held x its measured wall time"))
             trials.append(TrialRecord(run_id=run_id, spec_name=name, kind=kind, tenant=tenant, config_id=config_id,
                                       knobs=(knobs or {}).get(config_id, {}), repeat=repeat, seed=repeat,
                                       status="ok", metrics=m))
