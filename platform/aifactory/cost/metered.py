@@ -129,16 +129,11 @@ def held_by(*, since: float, until: float, dashboard_url: str, apps: Iterable[st
     from ray.util import state
 
     from aifactory import ray_compat
-    from aifactory.cost.sampler import _accelerators, node_pools, resource_keys
+    from aifactory.cost.sampler import _accelerators, node_key_args, resource_keys
 
     kw = {"address": dashboard_url, "timeout": timeout_s, "raise_on_missing_output": False}
     nodes = state.list_nodes(detail=True, limit=10000, **kw)
-    pools = node_pools(nodes)
-    node_keys = {}
-    for n in nodes:
-        gpu, asic = _accelerators([n])
-        pool, cls = pools[n.node_id]
-        node_keys[n.node_id] = {"accelerator": gpu, "asic_sku": asic, "pool": pool, "pricing_class": cls}
+    node_keys = node_key_args(nodes)
     fallback = dict(zip(("accelerator", "asic_sku"), _accelerators(nodes)))
     apps, groups = set(apps), set(placement_groups)
     chosen, found = [], set()

@@ -106,6 +106,17 @@ def _accelerators(nodes) -> tuple[str, str]:
     return gpu, asic
 
 
+def node_key_args(nodes) -> dict[str, dict]:
+    """node id -> the :func:`resource_keys` arguments of its resources: its own accelerator types and its pool."""
+    pools = node_pools(nodes)
+    out: dict[str, dict] = {}
+    for n in nodes:
+        gpu, asic = _accelerators([n])
+        pool, cls = pools[n.node_id]
+        out[n.node_id] = {"accelerator": gpu, "asic_sku": asic, "pool": pool, "pricing_class": cls}
+    return out
+
+
 def node_pools(nodes) -> dict[str, tuple[str, str]]:
     """node id -> (pool, pricing class or "") from the nodes' Ray labels.
 
@@ -138,13 +149,7 @@ def take_snapshot(address: str | None, *, last_serve: Mapping | None = None, tim
     t = time.time()
     nodes = [n for n in state.list_nodes(detail=True, limit=10000, **kw) if n.state == "ALIVE"]
     gpu_sku, asic_sku = _accelerators(nodes)
-    pools = node_pools(nodes)
-    # Each node's resources are keyed by its own accelerator types and its pool.
-    node_keys: dict[str, dict] = {}
-    for n in nodes:
-        gpu, asic = _accelerators([n])
-        pool, cls = pools[n.node_id]
-        node_keys[n.node_id] = {"accelerator": gpu, "asic_sku": asic, "pool": pool, "pricing_class": cls}
+    node_keys = node_key_args(nodes)
     capacity: dict[ResourceKey, float] = {}
     for n in nodes:
         for key, amount in resource_keys(n.resources_total, **node_keys[n.node_id]).items():
