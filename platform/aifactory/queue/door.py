@@ -18,7 +18,7 @@ from typing import Any
 from aifactory import audit
 from aifactory.exceptions import QueueRefused
 from aifactory.queue.lanes import load_lanes
-from aifactory.queue.policy import Ask, check_request
+from aifactory.queue.policy import Ask, check_fits, check_request
 from aifactory.queue.store import QueueEntry, QueueStore
 from aifactory.workloads.launch import new_record_id
 from aifactory.workloads.spec import Workload
@@ -44,9 +44,12 @@ def enqueue(home, workload: Workload, *, payload: Mapping[str, Any], actor: str,
     ask = Ask(id=entry_id, tenant=workload.tenant.tenant, lane=lane_name, priority=prio, resources=resources,
               enqueued_at=time.time(), name=workload.name, kind=workload.kind.value, pool=workload.pool)
     try:
-        check_request(ask, lanes=lanes, capacity=capacity)
+        # The lane's rules, then the tenant's own quota and budget (the refusal a tenant can act on), then the
+        # cluster's size.
+        check_request(ask, lanes=lanes, capacity=None)
         admit(home, workload.tenant, workload.resources.as_ray(), workload.kind, pool=workload.pool, lane=lane_name,
               held=False)
+        check_fits(ask, lane=lane, capacity=capacity)
     except REFUSALS as err:
         audit.denied(home, actor=actor, action=f"{workload.kind.value}.launch", target=workload.name,
                      reason=str(err), tenant=workload.tenant.tenant,

@@ -170,6 +170,13 @@ def check_request(ask: Ask, *, lanes: LanesConfig, capacity: Mapping[str, float]
                 raise QueueRefused(f"lanes.{ask.lane}.pool_quota.{ask.pool}.{k.lower()}", ask.resources[k], v,
                                    "the request alone is over the lane's quota in that pool")
     if capacity:
+        check_fits(ask, lane=lane, capacity=capacity)
+
+
+def check_fits(ask: Ask, *, lane, capacity: Mapping[str, float]) -> None:
+    """Raise :class:`QueueRefused` when ``ask`` is larger than the whole cluster or than ``lane`` may ever hold
+    of it. Apart from :func:`check_request`, so that the queue's door can name a tenant's own quota first."""
+    if capacity:
         short = _short(ask.resources, capacity)
         if short is not None:
             name, need, cap = short
@@ -448,4 +455,4 @@ def _choose_victims(a: Ask, room: Mapping[str, float], candidates: list[Ask]) ->
     return picked
 
 
-__all__ = ["Ask", "Plan", "Preempt", "Wait", "check_request", "decayed_usage", "dominant_share", "plan"]
+__all__ = ["Ask", "Plan", "Preempt", "Wait", "check_fits", "check_request", "decayed_usage", "dominant_share", "plan"]
