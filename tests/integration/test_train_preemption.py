@@ -88,10 +88,13 @@ def runs(dataset, ray_driver, tmp_path_factory):
     deadline = time.monotonic() + 300
     while not is_complete(first) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    requested_at, t_request = time.time(), time.monotonic()
     request_yield(home, run_id, reason="factory-lane itest needs the CPUs")
     stdout, stderr = proc.communicate(timeout=300)
     out["preempted_s"] = time.monotonic() - t0
+    out["request_to_exit_s"] = time.monotonic() - t_request  # what a lane's grace_s must cover
     manifest = read_manifest(home, run_id)
+    out["request_to_stop_s"] = (manifest.get("preempted") or {}).get("at", requested_at) - requested_at
     ckpt = Path(manifest.get("checkpoint_path") or "")
     out["attempt1"] = {"rc": proc.returncode, "stdout": stdout, "stderr": stderr, "manifest": manifest,
                        "record": read_record(home, run_id), "request_pending": yield_requested(home, run_id),
@@ -156,7 +159,8 @@ def test_preempted_and_resumed_run_ends_with_the_uninterrupted_validation_loss(r
     print(f"uninterrupted val_loss {base.final_val_loss:.6f} ({runs['uninterrupted_s']:.1f}s); preempted at step "
           f"{runs['attempt1']['manifest']['preempted']['step']} ({runs['preempted_s']:.1f}s) + resumed "
           f"({runs['resumed_s']:.1f}s) val_loss {m['val_loss']:.6f}; diff {diff:.2e}, curve max diff "
-          f"{cmp['max_abs_diff']:.2e}")
+          f"{cmp['max_abs_diff']:.2e}; yield request -> ranks stopped {runs['request_to_stop_s']:.1f}s, "
+          f"-> `factory train` exited (75) {runs['request_to_exit_s']:.1f}s")
     assert diff <= 1e-3
     assert cmp["reproduced"], cmp
 
