@@ -17,8 +17,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    choices=["tenant", "project", "job", "deployment", "day", "resource", "pool"],
                    help="group rows by this (pool: the node pool, priced at its own rate)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+    p.add_argument("--reprice-with", metavar="FILE",
+                   help="what if: also price the rows as if price book FILE were added to the schedule (an undated "
+                        "book prices all history); adds what_if_usd and delta_usd, writes nothing")
     p.set_defaults(func=_costs)
     cmds = p.add_subparsers(dest="costs_command", metavar="SUBCOMMAND")
+
+    pb = cmds.add_parser("pricebook", help="the price books in force over time (list, add a dated book)")
+    pbs = pb.add_subparsers(dest="pricebook_command", metavar="ACTION", required=True)
+    pl = pbs.add_parser("list", help="each book of the schedule: version, in force from, until, file")
+    pl.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    pl.set_defaults(func=_pricebook_list)
+    pa = pbs.add_parser("add", help="add a price book that prices usage from its effective_from on (default: now)")
+    pa.add_argument("file", help="price book YAML (its version must be new)")
+    pa.add_argument("--effective-from", help="ISO date/time (UTC unless a zone is given); default: the book's "
+                                             "effective_from, else now")
+    pa.add_argument("--backdate", action="store_true",
+                    help="allow an effective_from in the past (reprices usage already recorded)")
+    pa.set_defaults(func=_pricebook_add)
 
     r = cmds.add_parser("report", help="write an HTML cost report with PNG charts")
     _common(r)
@@ -69,11 +85,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from aifactory.cost.kpis import parse_since
     from aifactory.cost.ledger import Ledger
-    from aifactory.cost.pricebook import load_price_book
+    from aifactory.cost.schedule import load_prices
 
     home = home_of(args)
     ledger = Ledger(args.ledger) if getattr(args, "ledger", None) else Ledger.of(home)
-    book = load_price_book(getattr(args, "pricebook", None), home=home)
+    book = load_prices(getattr(args, "pricebook", None), home=home)
     since = parse_since(getattr(args, "since", None), now=time.time())
     return home, ledger, book, since
 
@@ -86,6 +102,17 @@ def _costs(args) -> int:
         return _remote.costs(args)
     _home, ledger, book, since = _load(args)
     records = ledger.usage(since=since, tenant=args.tenant)
+    if args.reprice_with:
+        from aifactory.config import read_yaml
+        from aifactory.cost.kpis import reprice_rows
+        from aifactory.cost.pricebook import parse_price_book
+
+        what_if = book.with_book(parse_price_book(read_yaml(args.reprice_with), source=args.reprice_with),
+                                 args.reprice_with)
+        emit(reprice_rows(records, book, what_if, by=args.by), args.format)
+        if args.format == "table":
+            print(f"price books in force: {book.version}; what if: {what_if.version}")
+        return 0
     rows = cost_rows(records, book, by=args.by)
     emit_costs(rows, args.format)
     if args.format == "table" and args.tenant is None and records:
@@ -94,6 +121,34 @@ def _costs(args) -> int:
         for a in ledger.alerts(since=since):
             if args.tenant is None or a["tenant"] == args.tenant:
                 print(f"alert ({a['kind']}): tenant {a['tenant']}: {a['message']}")
+    return 0
+
+
+def _pricebook_list(args) -> int:
+    from aifactory.cost.schedule import load_prices
+
+    emit(load_prices(home=home_of(args)).rows(), args.format)
+    return 0
+
+
+def _pricebook_add(args) -> int:
+    from aifactory import audit
+    from aifactory.config import read_yaml
+    from aifactory.cost.pricebook import parse_price_book
+    from aifactory.cost.schedule import add_price_book
+    from aifactory.provenance import whoami
+
+    home = home_of(args)
+    data = read_yaml(args.file)
+    if args.effective_from:
+        data = {**data, "effective_from": args.effective_from}
+    book = parse_price_book(data, source=args.file)
+    path = add_price_book(home, book, backdate=args.backdate)
+    added = parse_price_book(read_yaml(path), source=str(path))
+    audit.record(home, actor=whoami(), action="pricebook.add", target=added.version,
+                 detail={"effective_from": added.effective_from.isoformat(), "path": str(path),
+                         "backdate": bool(args.backdate)})
+    print(f"{path}: price book {added.version} prices usage from {added.effective_from.isoformat()} on")
     return 0
 
 

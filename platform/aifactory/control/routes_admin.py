@@ -125,12 +125,12 @@ if TenantLimits is not None:
     ) -> list[dict]:
         from aifactory.cost.kpis import cost_rows
         from aifactory.cost.ledger import Ledger
-        from aifactory.cost.pricebook import load_price_book
+        from aifactory.cost.schedule import load_prices
 
         home = state_of(request).home
         scope = scope_tenant(principal, tenant)
         records = Ledger.of(home).usage(since=_since(since), tenant=scope)
-        rows = cost_rows(records, load_price_book(home=home), by=by)
+        rows = cost_rows(records, load_prices(home=home), by=by)
         if not principal.is_admin:
             rows = [r for r in rows if r.get("tenant") == principal.tenant]
         response.headers["X-Total-Count"] = str(len(rows))

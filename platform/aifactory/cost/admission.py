@@ -64,9 +64,9 @@ def admit(home, tenant: TenantRef, resources: Mapping[str, float], workload: Wor
                         (lambda resource, scope=scope: in_use(scope, resource) and {}))
     b = limits.budget
     if b is not None and (b.hard_usd is not None or b.soft_usd is not None):
-        from aifactory.cost.pricebook import load_price_book
+        from aifactory.cost.schedule import load_prices
 
-        spent = spent_usd(ledger, load_price_book(home=home), tenant.tenant, period_start(b.period, time.time()))
+        spent = spent_usd(ledger, load_prices(home=home), tenant.tenant, period_start(b.period, time.time()))
         if b.hard_usd is not None and spent >= b.hard_usd:
             raise BudgetExceeded(tenant.tenant, b.period, spent, b.hard_usd)
         if b.soft_usd is not None and spent >= b.soft_usd:

@@ -139,11 +139,11 @@ def spent_usd(ledger, book: PriceBook, tenant: str, since: float) -> float:
 def budget_status(home, *, ledger=None, book: PriceBook | None = None, now: float | None = None) -> list[dict]:
     """One row per tenant with a budget: period, spent, soft and hard limits, remaining."""
     from aifactory.cost.ledger import Ledger
-    from aifactory.cost.pricebook import load_price_book
+    from aifactory.cost.schedule import load_prices
 
     cfg = load_budgets(home)
     ledger = ledger or Ledger.of(home)
-    book = book or load_price_book(home=home)
+    book = book or load_prices(home=home)
     now = time.time() if now is None else now
     rows = []
     for tenant, limits in sorted(cfg.tenants.items()):

@@ -38,11 +38,11 @@ class CostMetrics:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from aifactory.cost.budgets import budget_status
-        from aifactory.cost.pricebook import load_price_book
+        from aifactory.cost.schedule import load_prices
         from aifactory.home import FactoryHome
 
         home = FactoryHome.from_env(self.home_root)
-        book = load_price_book(home=home)
+        book = load_prices(home=home)
         since = time.time() - self.lookback_s
         records = self.ledger.usage(since=since)
         # pool: the node pool the resource was held in (its own price); "default" for unlabelled nodes.

@@ -76,6 +76,18 @@ def cost_rows(records: Iterable[UsageRecord], book: PriceBook, *, by: str = "ten
     return rows
 
 
+def reprice_rows(records: Sequence[UsageRecord], book, what_if, *, by: str = "tenant") -> list[dict]:
+    """What if: the rows of :func:`cost_rows` under ``book`` (the books in force), each with ``what_if_usd``
+    (the same records under ``what_if``) and ``delta_usd``. Pure; writes nothing."""
+    fields = GROUPINGS.get(by, ())
+    rows = cost_rows(records, book, by=by)
+    alt = {tuple(r[f] for f in fields): r["cost_usd"] for r in cost_rows(records, what_if, by=by)}
+    for row in rows:
+        row["what_if_usd"] = alt[tuple(row[f] for f in fields)]
+        row["delta_usd"] = round(row["what_if_usd"] - row["cost_usd"], 6)
+    return rows
+
+
 def kpis(
     records: Sequence[UsageRecord],
     book: PriceBook,

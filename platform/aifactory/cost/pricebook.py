@@ -14,9 +14,10 @@ price that is not a finite number, a missing CPU or memory rate) and raises one
 
 from __future__ import annotations
 
+import datetime as _dt
 from pathlib import Path
 
-from pydantic import Field, FiniteFloat, model_validator
+from pydantic import Field, FiniteFloat, field_validator, model_validator
 
 from aifactory.config import StrictModel, parse_config, read_yaml
 from aifactory.cost.records import DEFAULT_POOL, POOL_NAME, POOL_NAME_RULE, PricingClass, Resource
@@ -120,6 +121,12 @@ class PriceBook(StrictModel):
     """A versioned set of rates. Look rates up with :meth:`rate`."""
 
     version: str = Field(min_length=1, description="Version label; reports quote it.")
+    effective_from: _dt.datetime | None = Field(
+        default=None,
+        description="When this book comes into force (ISO date or time; UTC when no zone is given); usage "
+                    "from then on is priced by it, until a later book's effective_from. None: in force since "
+                    "forever (the base book). See aifactory.cost.schedule.",
+    )
     currency: str = Field(default="USD", pattern="^USD$", description="Only USD is supported.")
     default_region: str = Field(default="local", description="Region of nodes that declare none.")
     default_pricing_class: PricingClass = Field(
@@ -131,6 +138,24 @@ class PriceBook(StrictModel):
         description="Node pool (aifactory.io/pool label) -> its pricing class and/or own rates; "
                     "pools not listed are priced by `rates` at their nodes' pricing class.",
     )
+
+    @field_validator("effective_from", mode="before")
+    @classmethod
+    def _date_is_midnight_utc(cls, v):
+        # YAML reads `2026-01-01` as a date: the book is in force from that day's start, UTC.
+        if isinstance(v, _dt.date) and not isinstance(v, _dt.datetime):
+            return _dt.datetime(v.year, v.month, v.day, tzinfo=_dt.timezone.utc)
+        return v
+
+    @field_validator("effective_from", mode="after")
+    @classmethod
+    def _utc(cls, v):
+        return v.replace(tzinfo=_dt.timezone.utc) if v is not None and v.tzinfo is None else v
+
+    @property
+    def effective_from_ts(self) -> float:
+        """Unix seconds from which the book is in force; -inf for a book without effective_from."""
+        return float("-inf") if self.effective_from is None else self.effective_from.timestamp()
 
     @model_validator(mode="after")
     def _check(self) -> PriceBook:
@@ -173,11 +198,16 @@ def parse_price_book(data: dict, *, source: str = "<price book>") -> PriceBook:
     return parse_config(PriceBook, data, source=source)
 
 
-def load_price_book(path: str | Path | None = None, *, home=None) -> PriceBook:
-    """The price book at ``path``; else ``<home>/pricebook.yaml`` if present; else the packaged default."""
-    if path is None and home is not None:
-        candidate = Path(home.root) / "pricebook.yaml"
-        if candidate.is_file():
-            path = candidate
-    path = Path(path) if path is not None else DEFAULT_PATH
-    return parse_price_book(read_yaml(path), source=str(path))
+def load_price_book(path: str | Path | None = None, *, home=None, at: float | None = None) -> PriceBook:
+    """The price book at ``path``; else the home's book in force at ``at`` (default: now) of its schedule
+    (``<home>/pricebook.yaml`` or the packaged default, and the dated books of ``<home>/pricebooks/``).
+
+    For usage that is priced as it happens (a benchmark trial, an estimate). To price a ledger's history use
+    :func:`aifactory.cost.schedule.load_prices`: each record at the book of its own time."""
+    if path is not None:
+        return parse_price_book(read_yaml(path), source=str(path))
+    import time
+
+    from aifactory.cost.schedule import load_prices
+
+    return load_prices(home=home).at(time.time() if at is None else at)

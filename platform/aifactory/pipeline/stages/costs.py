@@ -42,7 +42,7 @@ def costs_stage(ctx: RunContext) -> StageResult:
     from aifactory.cost.collector import get_collector, stop_collector
     from aifactory.cost.kpis import cost_rows
     from aifactory.cost.ledger import Ledger
-    from aifactory.cost.pricebook import load_price_book
+    from aifactory.cost.schedule import load_prices
 
     since = ctx.artifacts.get("metering_since")
     handle = get_collector()
@@ -58,7 +58,7 @@ def costs_stage(ctx: RunContext) -> StageResult:
         status = ray.get(handle.flush.remote(), timeout=120)
     if ctx.artifacts.get("meter_started_here"):  # a meter of a shared cluster keeps running
         stop_collector()
-    book = load_price_book(home=ctx.home)
+    book = load_prices(home=ctx.home)
     records = [r for r in Ledger.of(ctx.home).usage(since=since) if r.window_start < status["cursor"]]
     rows = cost_rows(records, book, by="tenant")
     table = [{"tenant": r["tenant"], "cpu_s": r["cpu_s"], "memory_gib_s": r["memory_gib_s"], "gpu_s": r["gpu_s"],
