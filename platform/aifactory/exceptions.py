@@ -257,3 +257,34 @@ class VariantRejected(FactoryError):
 
     def __reduce__(self):
         return (self.__class__, (self.ref, self.reason))
+
+
+class EmbeddingModelMismatch(FactoryError):
+    """A retrieval index was built from another embedding model's vectors than the one at hand: its neighbours
+    would be meaningless, so it is refused (build: the embeddings' model; serving: the query encoder)."""
+
+    def __init__(self, where: str, index_model: str, serving_model: str):
+        self.where = where
+        self.index_model = index_model
+        self.serving_model = serving_model
+        super().__init__(f"{where}: built with embedding model {index_model}, but the model here is {serving_model}; "
+                         "rebuild the index from embeddings of this model (factory index build) or serve the model it "
+                         "was built with")
+
+    def __reduce__(self):
+        return (self.__class__, (self.where, self.index_model, self.serving_model))
+
+
+class IndexStale(FactoryError):
+    """A tenant's retrieval index is older than the tier allows (answers 503 until a fresh one is published)."""
+
+    def __init__(self, tenant: str, version: str, age_s: float, max_age_s: float):
+        self.tenant = tenant
+        self.version = version
+        self.age_s = age_s
+        self.max_age_s = max_age_s
+        super().__init__(f"tenant {tenant!r}: index {version} is {age_s:.0f}s old, over the tier's max_age_s "
+                         f"{max_age_s:.0f}s; publish a newer index")
+
+    def __reduce__(self):
+        return (self.__class__, (self.tenant, self.version, self.age_s, self.max_age_s))
