@@ -23,6 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_costs)
     cmds = p.add_subparsers(dest="costs_command", metavar="SUBCOMMAND")
 
+    pn = cmds.add_parser("plan", help="commitment planner: the reservation for a pool that minimises total cost")
+    _common(pn)
+    pn.add_argument("--pool", required=True, help="node pool (aifactory.io/pool; 'default' for unlabelled nodes)")
+    pn.add_argument("--resource", choices=("cpu", "gpu", "asic", "memory"), default="cpu")
+    pn.add_argument("--sku", help="price-book SKU (default: cpu / gib; an accelerator type for gpu/asic)")
+    pn.add_argument("--region", help="price-book region (default: the book's default_region)")
+    pn.add_argument("--burst", choices=("on-demand", "spot"), default="on-demand",
+                    help="what demand above the reservation is bought as (default: on-demand)")
+    pn.add_argument("--bucket-s", type=float, default=3600.0,
+                    help="demand is averaged per bucket of this many seconds (default: 3600, a reserved hour)")
+    pn.add_argument("--out", help="PNG of demand vs the reserved line (default: <home>/reports/plan-<pool>-<resource>.png)")
+    pn.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    pn.set_defaults(func=_plan)
+
     pb = cmds.add_parser("pricebook", help="the price books in force over time (list, add a dated book)")
     pbs = pb.add_subparsers(dest="pricebook_command", metavar="ACTION", required=True)
     pl = pbs.add_parser("list", help="each book of the schedule: version, in force from, until, file")
@@ -121,6 +135,52 @@ def _costs(args) -> int:
         for a in ledger.alerts(since=since):
             if args.tenant is None or a["tenant"] == args.tenant:
                 print(f"alert ({a['kind']}): tenant {a['tenant']}: {a['message']}")
+    return 0
+
+
+def _plan(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from aifactory.cost.planner import demand_series, plan, write_chart
+    from aifactory.cost.records import PricingClass, Resource
+    from aifactory.exceptions import ConfigError
+
+    home, ledger, prices, since = _load(args)
+    book = prices.at(time.time())  # a commitment is bought at today's rates
+    sku = args.sku or {"cpu": "cpu", "memory": "gib"}.get(args.resource)
+    if sku is None:
+        raise ConfigError("factory costs plan", [f"--sku: required for --resource {args.resource} (e.g. H100)"])
+    if not args.bucket_s > 0:
+        raise ConfigError("factory costs plan", [f"--bucket-s: must be > 0 (got {args.bucket_s})"])
+    rate = book.rate(Resource(args.resource), sku, args.region or book.default_region)
+    demand = demand_series(ledger.usage(since=since, tenant=args.tenant), pool=args.pool, resource=args.resource,
+                           bucket_s=args.bucket_s)
+    if not demand.units:
+        print(f"factory costs plan: the ledger {ledger.path} has no {args.resource} usage in pool {args.pool!r}"
+              f"{' since ' + args.since if args.since else ''}; nothing to plan from", file=sys.stderr)
+        return 1
+    burst = PricingClass(args.burst)
+    p = plan(demand, reserved_usd_per_hour=rate.usd_per_hour(PricingClass.RESERVED),
+             on_demand_usd_per_hour=rate.usd_per_hour(burst))
+    out = Path(args.out or home.root / "reports" / f"plan-{args.pool}-{args.resource}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chart = write_chart(out, demand, p.reserved_units, title=f"pool {args.pool}: {args.resource} ({sku}), "
+                        f"reserved vs {burst.value} burst, book {book.version}")
+    row = {"pool": args.pool, "resource": args.resource, "sku": sku, "price_book": book.version,
+           "burst": burst.value, **p.as_dict(), "chart": chart}
+    if args.format != "table":
+        emit([row], args.format)
+        return 0
+    print(f"pool {args.pool}, {args.resource} ({sku}), {p.hours:.2f} h of history, price book {book.version}: "
+          f"reserved ${rate.usd_per_hour(PricingClass.RESERVED):g}/h vs {burst.value} ${rate.usd_per_hour(burst):g}/h")
+    print(f"  reserve {p.reserved_units:.3f} units: covers the demand {p.covered_percentile:.1f}% of the time")
+    print(f"  cost ${p.total_usd:.6f} vs all {burst.value} ${p.all_on_demand_usd:.6f}: saves ${p.savings_usd:.6f} "
+          f"({p.savings_pct:.1f}%)")
+    print(f"  if usage falls 20%: cost ${p.drop_20pct_usd:.6f} vs ${p.drop_20pct_best_usd:.6f} at the best "
+          f"reservation for it (over-commitment ${p.over_commitment_usd:.6f}); still saves "
+          f"${p.drop_20pct_savings_usd:.6f} vs all {burst.value}")
+    print(f"  chart: {chart}")
     return 0
 
 

@@ -151,9 +151,11 @@ def add_price_book(home, book: PriceBook, *, now: float | None = None, backdate:
     import yaml
 
     now = time.time() if now is None else now
-    if book.effective_from is None:
+    dated = book.effective_from is not None
+    if not dated:
         book = book.model_copy(update={"effective_from": _dt.datetime.fromtimestamp(now, tz=_dt.timezone.utc)})
-    if book.effective_from_ts < now and not backdate:
+    # Only a date the caller gave can be in the past ("now" rounds to microseconds and may land just below).
+    if dated and book.effective_from_ts < now and not backdate:
         raise ConfigError("price book", [
             (f"effective_from: {_when(book)} is in the past; it would reprice usage recorded since then. Give a "
              "time from now on, or pass --backdate to correct history on purpose")])
