@@ -268,7 +268,7 @@ class EmbeddingModelMismatch(FactoryError):
         self.index_model = index_model
         self.serving_model = serving_model
         super().__init__(f"{where}: built with embedding model {index_model}, but the model here is {serving_model}; "
-                         "rebuild the index from embeddings of this model (factory index build) or serve the model it "
+                         "rebuild the index from embeddings of this model, or serve the model it "
                          "was built with")
 
     def __reduce__(self):

@@ -1,0 +1,9 @@
+"""Retrieval over the factory's own embeddings: versioned vector indexes.
+
+- ``model``: the identity of an embedding model (name, package version, dimension, sha256 of its files), so an
+  index is only ever searched with vectors of the model that built it
+- ``index``: a faiss index built from a batch-embedding version, published content-addressed and atomically
+  (like a dataset version) with lineage to the embeddings and the model digest; loaded only after its digests check
+
+Pure Python over faiss and pyarrow: nothing here imports Ray, Serve or torch.
+"""
