@@ -4,6 +4,8 @@
   index is only ever searched with vectors of the model that built it
 - ``index``: a faiss index built from a batch-embedding version, published content-addressed and atomically
   (like a dataset version) with lineage to the embeddings and the model digest; loaded only after its digests check
+- ``tiers``: what a request reads: a fixed ``snapshot`` index version, or a ``fresh`` tier of upserts over it
+  whose entries carry an ingest time and TTL (never returned as fresh past it), logged durably, with a lag and SLA
 
 Pure Python over faiss and pyarrow: nothing here imports Ray, Serve or torch.
 """
