@@ -10,6 +10,7 @@ neither Ray nor torch, so unit tests and the CLI use them cheaply. The Serve dep
 - ``ratelimit``: per-tenant token buckets (429 + Retry-After)
 - ``cache``: exact response cache, semantic cache, prefix (KV state) cache
 - ``routing``: canary split maths and rollout state
+- ``canary_gate``: gated canaries: a plan of steps and abort/promote bounds judged over a sliding window
 - ``autoscaling``: the SLO-aware custom autoscaling policy (queue depth + ongoing + p95 vs SLO)
 - ``metrics`` / ``usage``: per-tenant Ray metrics and the ``tenant_usage(app_name)`` reader
 - ``engine``: loading a registry model version (sha256-verified) and KV-cached, prefix-cached decoding
