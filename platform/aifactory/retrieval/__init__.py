@@ -6,6 +6,8 @@
   (like a dataset version) with lineage to the embeddings and the model digest; loaded only after its digests check
 - ``tiers``: what a request reads: a fixed ``snapshot`` index version, or a ``fresh`` tier of upserts over it
   whose entries carry an ingest time and TTL (never returned as fresh past it), logged durably, with a lag and SLA
+- ``moderation``: a copilot's input and output policy: a word-boundary blocklist and a secret/PII detector; refusals
+  are answers with reasons, and ``redact`` replaces every secret and PII span with a placeholder
 
 Pure Python over faiss and pyarrow: nothing here imports Ray, Serve or torch.
 """
