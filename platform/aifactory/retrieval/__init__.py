@@ -8,6 +8,8 @@
   whose entries carry an ingest time and TTL (never returned as fresh past it), logged durably, with a lag and SLA
 - ``moderation``: a copilot's input and output policy: a word-boundary blocklist and a secret/PII detector; refusals
   are answers with reasons, and ``redact`` replaces every secret and PII span with a placeholder
+- ``prompt``: the retrieved chunks numbered as citations in a template within the model's token budget (lowest-ranked
+  dropped first), and an answer's ``[n]`` markers resolved to their sources
 
 Pure Python over faiss and pyarrow: nothing here imports Ray, Serve or torch.
 """
