@@ -10,6 +10,8 @@
   are answers with reasons, and ``redact`` replaces every secret and PII span with a placeholder
 - ``prompt``: the retrieved chunks numbered as citations in a template within the model's token budget (lowest-ranked
   dropped first), and an answer's ``[n]`` markers resolved to their sources
+- ``requestlog``: the per-tenant request log (JSONL per UTC day, text stored only redacted, purged past retention,
+  readable only by its own tenant)
 
 Pure Python over faiss and pyarrow: nothing here imports Ray, Serve or torch.
 """
