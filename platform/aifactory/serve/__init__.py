@@ -11,6 +11,7 @@ neither Ray nor torch, so unit tests and the CLI use them cheaply. The Serve dep
 - ``cache``: exact response cache, semantic cache, prefix (KV state) cache
 - ``routing``: canary split maths and rollout state
 - ``canary_gate``: gated canaries: a plan of steps and abort/promote bounds judged over a sliding window
+- ``shadow``: shadow traffic: deterministic sample by request id, the spend cap that stops it, the paired report
 - ``autoscaling``: the SLO-aware custom autoscaling policy (queue depth + ongoing + p95 vs SLO)
 - ``metrics`` / ``usage``: per-tenant Ray metrics and the ``tenant_usage(app_name)`` reader
 - ``engine``: loading a registry model version (sha256-verified) and KV-cached, prefix-cached decoding
