@@ -25,7 +25,9 @@ class ControlArgs(StrictModel):
     home: str | None = Field(default=None, description="Factory home (keys, audit, ledger); default $AIFACTORY_HOME.")
     address: str | None = Field(default=None, description="Ray cluster; default the home's `factory up` cluster.")
     num_replicas: int = Field(default=1, ge=1, le=16, description="Replicas of the control API.")
-    num_cpus: float = Field(default=0.1, ge=0, description="Logical CPUs per replica (it mostly waits on I/O).")
+    num_cpus: float = Field(default=0.0, ge=0, description="Logical CPUs per replica. 0, like Serve's own controller and "
+                            "proxies: it mostly waits on I/O, and any CPU it reserved would be taken from tenants' "
+                            "work (a job declaring the whole cluster could never start).")
     tenant_apps: dict[str, Any] = Field(default_factory=dict, description="CompletionsArgs fields every tenant's "
                                         "app gets (sizes, caches): the operator's choice, not the tenant's.")
     rate_rps: float = Field(default=20.0, gt=0, description="Requests per second per API key (then 429).")

@@ -91,6 +91,22 @@ def test_factory_work_starts_ahead_of_queued_learning_work_and_the_queue_shows_w
     assert health["status"] == "ok" and health["passes"] > 0, health
 
 
+def test_the_factorys_own_actors_hold_no_cpu_so_a_whole_cluster_job_can_start(ray_driver, control_api):
+    """The dispatcher, the meter and the control API are control plane: had they reserved even 0.05 CPU, a job declaring every
+    CPU of the cluster would wait forever on an idle `factory up` head (benchmarks/queue_lanes found it)."""
+    from ray.util.state import list_actors
+
+    from aifactory.queue.dispatcher import DISPATCHER_NAME
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    assert DISPATCHER_NAME in {a.name for a in actors}, sorted(a.name for a in actors)
+    # the factory's named actors, and the control API's Serve replicas (control plane too)
+    own = {f"{a.class_name}/{a.name}": a.required_resources for a in actors
+           if (a.name or "").startswith("aifactory") or a.class_name.endswith(":ControlAPI")}
+    assert any(k.split("/")[0].endswith(":ControlAPI") for k in own), sorted(a.class_name for a in actors)
+    assert all(not r.get("CPU") and not r.get("GPU") for r in own.values()), own
+
+
 def test_refusals_are_immediate_and_name_the_field(ray_driver, queue_home):
     from aifactory.exceptions import QueueRefused
     from aifactory.jobs import Client

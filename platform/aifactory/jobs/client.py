@@ -336,7 +336,8 @@ class Client:
                 else:
                     self.dispatch(lock_timeout_s=0.0)
             if time.monotonic() > deadline:
-                raise FactoryError(f"job {job_id} did not finish within {timeout_s:.0f} s (status {status})")
+                why = f"; it waits because: {entry.reason}" if entry is not None and entry.reason else ""
+                raise FactoryError(f"job {job_id} did not finish within {timeout_s:.0f} s (status {status}){why}")
             time.sleep(poll_s)
 
 

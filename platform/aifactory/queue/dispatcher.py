@@ -413,7 +413,7 @@ def health(home: FactoryHome, *, interval_s: float = INTERVAL_S) -> dict:
 def _actor_class():
     import ray
 
-    @ray.remote(num_cpus=0.05, max_restarts=-1)
+    @ray.remote(num_cpus=0, max_restarts=-1)  # holds no CPU: a 4-CPU job must fit a 4-CPU cluster
     class QueueDispatcher:
         """Runs :func:`dispatch_once` about every ``interval_s``; a restarted actor simply goes on (the
         queue and its reconciliation live in the store)."""
