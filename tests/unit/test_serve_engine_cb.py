@@ -233,3 +233,52 @@ def test_too_few_kv_blocks_for_one_full_sequence_is_a_config_error(loaded):
 
     with pytest.raises(ConfigError, match=r"kv_blocks \(3\) x kv_block_tokens \(16\).*seq_len \(64\).*at least 4"):
         engine(loaded, kv_blocks=3)
+
+
+# ---- the prefix cache ------------------------------------------------------------------------------------
+
+def _prefix_items(tenant: str, n: int = 3):
+    """Prompts sharing one 40-token system prompt (two 16-token blocks are cacheable), each its own question."""
+    from aifactory.serve.engine import GenItem
+
+    rng = random.Random(7)
+    system = [rng.randrange(256) for _ in range(40)]
+    return [GenItem(tokens=system + [rng.randrange(256) for _ in range(5)], max_tokens=8, tenant=tenant)
+            for _ in range(n)]
+
+
+def test_prefix_cache_hits_answer_as_alone_and_are_scoped_per_tenant(loaded):
+    """A later request of the same tenant reuses the cached system prompt (and answers exactly as decoded alone);
+    another tenant with the very same prompt never hits it."""
+    from aifactory.serve.cache import PrefixCache
+    from aifactory.serve.engine_cb import ContinuousEngine
+
+    cache = PrefixCache(max_entries=16, block_tokens=16)
+    eng = ContinuousEngine(loaded, config=ContinuousBatchingConfig(max_num_seqs=4, max_tokens_per_step=24),
+                           prefix_cache=cache)
+    a = _prefix_items("tenant-a")
+    first = eng.generate(a[:1])  # stores the 32- and 16-token prefixes under tenant-a
+    later = eng.generate(a[1:])
+    assert [r.prefix_hit_tokens for r in first + later] == [0, 32, 32]
+    assert answers(first + later) == answers(alone(loaded, a))
+    b = _prefix_items("tenant-b")
+    other = eng.generate(b[1:2])
+    assert other[0].prefix_hit_tokens == 0  # tenant-a's prefix is not tenant-b's
+    assert cache.stats.hits.get("tenant-b", 0) == 0 and cache.stats.hits["tenant-a"] == 2
+    assert answers(other) == answers(alone(loaded, b[1:2]))
+
+
+def test_a_preempted_request_with_a_prefix_hit_recomputes_and_answers_as_alone(loaded):
+    from aifactory.serve.cache import PrefixCache
+    from aifactory.serve.engine_cb import ContinuousEngine
+
+    cache = PrefixCache(max_entries=16, block_tokens=16)
+    # 6 blocks of 16: two 45-token prompts fit (3 blocks each) until they grow into a fourth, then one is preempted.
+    eng = ContinuousEngine(loaded, config=ContinuousBatchingConfig(
+        max_num_seqs=3, max_tokens_per_step=64, kv_block_tokens=16, kv_blocks=6), prefix_cache=cache)
+    items = _prefix_items("t", n=3)
+    items = [i.__class__(tokens=i.tokens, max_tokens=16, tenant="t") for i in items]
+    eng.generate(items[:1])
+    results = eng.generate(items[1:])
+    assert eng.stats.preemptions > 0
+    assert answers(results) == answers(alone(loaded, items[1:]))

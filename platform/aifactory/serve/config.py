@@ -117,6 +117,14 @@ class SLOClassConfig(StrictModel):
     p95_slo_s: float = Field(0.5, gt=0, description="Latency objective: p95 of model calls, seconds.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Replica autoscaling.")
     num_cpus: float = Field(0.5, gt=0, description="Logical CPUs each replica reserves.")
+    engine: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="'continuous': one iteration-level engine loop per replica (aifactory.serve.engine_cb): requests "
+        "join and leave the running batch every decode step, prompts of any length together, knobs in `continuous`. "
+        "'static': @serve.batch groups a window's arrivals and decodes them to the end, by prompt length (knobs in "
+        "`batching`).")
+    continuous: ContinuousBatchingConfig = Field(
+        default_factory=ContinuousBatchingConfig, description="Budgets of the continuous engine (engine 'continuous').")
 
     def deployment_options(self) -> dict:
         """Keyword arguments for ``Deployment.options``."""

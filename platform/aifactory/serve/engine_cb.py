@@ -12,6 +12,12 @@ finishes and a request that arrives meanwhile waits for the whole batch. Here ev
    temperature and seeded generator (so a seeded answer does not depend on what it was batched with), and
    hands each request its delta; finished sequences leave and free their blocks at once.
 
+Prefix cache (optional, the app's :class:`~aifactory.serve.cache.PrefixCache`, scoped per tenant): a request
+whose prompt starts with a cached prefix of *its own tenant* gets that prefix's KV state copied into its first
+blocks when it is admitted and prefills only the rest; once a prompt is computed its block-aligned prefixes are
+stored. The state is in the static engine's layout (``(1, heads, tokens, head_dim)`` per layer), so both engines
+share one cache. A preempted request recomputes from scratch.
+
 Sampling and stopping are the static engine's (:func:`aifactory.serve.engine._sample`, EOS, ``max_tokens``,
 the model's ``seq_len``), so a greedy answer is token-identical to the same request decoded alone
 (``tests/unit/test_serve_engine_cb.py``). Isolation as in the static engine: what raises for one request
@@ -31,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aifactory.data.tokenizer import EOS
+from aifactory.serve.cache import PrefixCache
 from aifactory.serve.config import ContinuousBatchingConfig
 from aifactory.serve.engine import GenDelta, GenItem, GenResult, LoadedModel, _sample
 from aifactory.serve.scheduler import PRIORITY, Scheduler, Seq
@@ -57,15 +64,20 @@ class _Request:
     scheduled_s: float | None = None  # first time it was in a step
     first_token_s: float | None = None
     rows_seen: int = 0
+    prefix_hit: int = 0  # prompt tokens found in the prefix cache at arrival
+    prefix_state: object = None  # their KV state, until copied into the sequence's blocks
+    prefix_stored: bool = False
 
 
 class ContinuousEngine:
     """Generates for requests that arrive at any time, with one :class:`LoadedModel` and one KV pool."""
 
-    def __init__(self, loaded: LoadedModel, *, config: ContinuousBatchingConfig | None = None):
+    def __init__(self, loaded: LoadedModel, *, config: ContinuousBatchingConfig | None = None,
+                 prefix_cache: PrefixCache | None = None):
         from aifactory.models.paged import PagedKVCache
 
         self.loaded = loaded
+        self.prefix_cache = prefix_cache
         self.config = cfg = config or ContinuousBatchingConfig()
         self.seq_len = loaded.seq_len
         per_seq = -(-self.seq_len // cfg.kv_block_tokens)
@@ -107,6 +119,11 @@ class ContinuousEngine:
         except Exception as err:  # noqa: BLE001 - this request's own input fails it alone
             self._early[rid] = self._finish(req, "error", err)
             return rid
+        if self.prefix_cache is not None:
+            hit = self.prefix_cache.lookup(self.loaded.version, item.tokens, tenant=item.tenant)
+            if hit is not None:
+                req.prefix_hit, req.prefix_state = hit
+                seq.num_computed = req.prefix_hit  # its blocks are filled from the state when it is admitted
         self.scheduler.add(seq)
         return rid
 
@@ -126,6 +143,17 @@ class ContinuousEngine:
         self._callbacks.pop(rid, None)
         if req is not None:
             self.scheduler.remove(req.seq)
+
+    def fail_all(self, err: BaseException) -> None:
+        """End every request with ``err`` (the engine itself broke, not one request): each caller hears it."""
+        out = {rid: self._finish(req, "error", err) for rid, req in list(self._requests.items())}
+        out.update(self._early)
+        self._early = {}
+        self._deliver(out)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.scheduler.blocks_in_use
 
     @property
     def has_work(self) -> bool:
@@ -152,6 +180,7 @@ class ContinuousEngine:
             samplers = [i for i, (seq, n) in enumerate(work) if seq.num_computed + n == len(seq.tokens)]
             model = self.loaded.model
             try:
+                self._load_prefixes(work)
                 batch = RaggedBatch.build(
                     [(seq.tokens[seq.num_computed:seq.num_computed + n], seq.num_computed, seq.blocks)
                      for seq, n in work],
@@ -162,6 +191,7 @@ class ContinuousEngine:
                     out[seq.id] = self._finish(self._requests[seq.id], "error", err)
                 return self._deliver(out)
             self.scheduler.commit(plan)
+            self._store_prefixes(work)
             self.stats.steps += 1
             self.stats.tokens_computed += plan.num_tokens
             self.stats.largest_batch = max(self.stats.largest_batch, len(work))
@@ -201,12 +231,60 @@ class ContinuousEngine:
         self.scheduler.remove(req.seq)
         self._requests.pop(req.seq.id, None)
         now = time.monotonic()
-        since = lambda t: None if t is None else t - req.arrived_s
+
+        def since(t):
+            return None if t is None else t - req.arrived_s
+
         timings = {"queue_s": since(req.scheduled_s), "ttft_s": since(req.first_token_s),
                    "total_s": now - req.arrived_s, "preemptions": req.seq.preemptions, "batch_rows": req.rows_seen}
         error = None if err is None else f"{type(err).__name__}: {err}"
-        result = GenResult(list(req.generated), reason, version=self.loaded.version, timings=timings, error=error)
+        result = GenResult(list(req.generated), reason, prefix_hit_tokens=req.prefix_hit, version=self.loaded.version, timings=timings, error=error)
         return GenDelta(list(new or []), result=result)
+
+    # ---- the prefix cache ----------------------------------------------------------------------------
+    def _slots(self, seq: Seq, n: int):
+        import torch
+
+        bt = self.cache.block_tokens
+        return torch.tensor([seq.blocks[p // bt] * bt + p % bt for p in range(n)], dtype=torch.long,
+                            device=self.cache.keys[0].device)
+
+    def _load_prefixes(self, work: list[tuple[Seq, int]]) -> None:
+        """Copy the cached prefix state of newly admitted sequences into their blocks."""
+        for seq, _ in work:
+            req = self._requests[seq.id]
+            if req.prefix_state is None:
+                continue
+            state, req.prefix_state = req.prefix_state, None
+            if seq.num_computed != req.prefix_hit:
+                continue  # preempted before it ran: it recomputes from the start
+            slots = self._slots(seq, req.prefix_hit)
+            for layer, (k, v) in enumerate(state):
+                h, d = k.shape[1], k.shape[3]
+                self.cache.keys[layer].view(-1, h, d).index_copy_(0, slots, k[0].transpose(0, 1).to(
+                    self.cache.keys[layer].dtype))
+                self.cache.values[layer].view(-1, h, d).index_copy_(0, slots, v[0].transpose(0, 1).to(
+                    self.cache.values[layer].dtype))
+
+    def _store_prefixes(self, work: list[tuple[Seq, int]]) -> None:
+        """Store the block-aligned prefixes of prompts computed in full by this step (under their tenant)."""
+        if self.prefix_cache is None:
+            return
+        version = self.loaded.version
+        for seq, _ in work:
+            req = self._requests[seq.id]
+            if req.prefix_stored or seq.num_computed < seq.prompt_len:
+                continue
+            req.prefix_stored = True
+            prompt, tenant = req.item.tokens, req.item.tenant
+            for m in self.prefix_cache.candidate_lengths(len(prompt)):
+                if m <= req.prefix_hit or (tenant, version, prompt[:m]) in self.prefix_cache:
+                    continue
+                slots = self._slots(seq, m)
+                state = [(k.view(-1, *k.shape[2:]).index_select(0, slots).transpose(0, 1)[None].clone(),
+                          v.view(-1, *v.shape[2:]).index_select(0, slots).transpose(0, 1)[None].clone())
+                         for k, v in zip(self.cache.keys, self.cache.values)]
+                self.prefix_cache.put(version, prompt[:m], state, tenant=tenant)
 
     def _deliver(self, out: dict[int, GenDelta]) -> dict[int, GenDelta]:
         for rid, delta in out.items():

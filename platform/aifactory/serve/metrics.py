@@ -144,3 +144,98 @@ class UsageRecorder:
     def _add_unlocked(self, tenant: str, key: str, value: float) -> None:
         row = self._pending.setdefault(tenant, {})
         row[key] = row.get(key, 0.0) + value
+
+
+ENGINE_TTFT = "aifactory_serve_engine_ttft_seconds"
+ENGINE_TPOT = "aifactory_serve_engine_time_per_output_token_seconds"
+ENGINE_RUNNING = "aifactory_serve_engine_running_seqs"
+ENGINE_WAITING = "aifactory_serve_engine_waiting_seqs"
+ENGINE_KV_IN_USE = "aifactory_serve_engine_kv_blocks_in_use"
+ENGINE_KV_TOTAL = "aifactory_serve_engine_kv_blocks"
+ENGINE_PREEMPTIONS = "aifactory_serve_engine_preemptions_total"
+ENGINE_STEP_TOKENS = "aifactory_serve_engine_tokens_per_step"
+_LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class EngineMetrics:
+    """The continuous engine's signals of one replica, by application and deployment (latencies also by tenant).
+
+    :meth:`step` is called by the engine loop's worker thread after every step and only adds to plain
+    numbers under a lock (a step takes milliseconds; recording Ray metrics in it would slow every request);
+    :meth:`flush`, on the replica's event loop about twice a second, hands them to Ray's metrics. Latencies
+    (:meth:`request`) are recorded on the event loop as each answer ends."""
+
+    def __init__(self, application: str, deployment: str, *, flush_interval_s: float = 0.5):
+        from ray.util import metrics
+
+        self.tags = {"application": application, "deployment": deployment}
+        keys = ("application", "deployment")
+        self._ttft = metrics.Histogram(ENGINE_TTFT, description="Time to first token (arrival at the engine to "
+                                       "its first sampled token).", boundaries=_LATENCY_BOUNDS,
+                                       tag_keys=("tenant", *keys))
+        self._tpot = metrics.Histogram(ENGINE_TPOT, description="Time per output token after the first.",
+                                       boundaries=_LATENCY_BOUNDS, tag_keys=("tenant", *keys))
+        self._running = metrics.Gauge(ENGINE_RUNNING, description="Sequences in the running batch.", tag_keys=keys)
+        self._waiting = metrics.Gauge(ENGINE_WAITING, description="Sequences waiting for admission.", tag_keys=keys)
+        self._kv = metrics.Gauge(ENGINE_KV_IN_USE, description="KV-cache blocks held by sequences.", tag_keys=keys)
+        self._kv_total = metrics.Gauge(ENGINE_KV_TOTAL, description="KV-cache blocks of the replica.", tag_keys=keys)
+        self._preempt = metrics.Counter(ENGINE_PREEMPTIONS, description="Sequences preempted (recomputed later).",
+                                        tag_keys=keys)
+        self._step_tokens = metrics.Histogram(ENGINE_STEP_TOKENS, description="Tokens one engine step ran.",
+                                              boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],
+                                              tag_keys=keys)
+        self.flush_interval_s = flush_interval_s
+        self._lock = threading.Lock()
+        self._last = None  # the latest StepSample
+        self._step_sizes: deque[int] = deque(maxlen=4096)
+        self._preemptions = 0
+        self._task: asyncio.Task | None = None
+
+    def step(self, sample) -> None:
+        """One engine step (an :class:`aifactory.serve.engine_loop.StepSample`); any thread."""
+        with self._lock:
+            self._last = sample
+            self._step_sizes.append(sample.tokens)
+            self._preemptions += sample.preemptions
+
+    def request(self, tenant: str, timings: dict, completion_tokens: int) -> None:
+        """An answer ended: its time to first token and time per output token (from the engine's timings)."""
+        ttft, total = timings.get("ttft_s"), timings.get("total_s")
+        tags = self.tags | {"tenant": tenant}
+        if ttft is not None:
+            self._ttft.observe(ttft, tags=tags)
+            if total is not None and completion_tokens > 1:
+                self._tpot.observe((total - ttft) / (completion_tokens - 1), tags=tags)
+
+    def snapshot(self) -> dict:
+        """The latest step's gauges (for ``info`` and the autoscaling stats)."""
+        with self._lock:
+            s = self._last
+        if s is None:
+            return {"running": 0, "waiting": 0, "kv_blocks_in_use": 0}
+        return {"running": s.running, "waiting": s.waiting, "kv_blocks_in_use": s.kv_blocks_in_use}
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            last, sizes, preempted = self._last, list(self._step_sizes), self._preemptions
+            self._step_sizes.clear()
+            self._preemptions = 0
+        if last is None:
+            return
+        self._running.set(last.running, tags=self.tags)
+        self._waiting.set(last.waiting, tags=self.tags)
+        self._kv.set(last.kv_blocks_in_use, tags=self.tags)
+        self._kv_total.set(last.kv_blocks, tags=self.tags)
+        if preempted:
+            self._preempt.inc(preempted, tags=self.tags)
+        for n in sizes:
+            self._step_tokens.observe(n, tags=self.tags)

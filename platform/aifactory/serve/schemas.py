@@ -21,7 +21,7 @@ import uuid
 from itertools import accumulate
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_BODY_BYTES = 1 << 20
 """Default request-body limit of :func:`parse_body`; the apps pass their own (``max_body_bytes`` in their args)."""
@@ -148,6 +148,71 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = Field(None, description="name:version that answered, plus cache source.")
+
+
+MAX_MESSAGES = 256
+"""Most messages one chat request may hold."""
+
+
+class TextPart(_Request):
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: str = Field(description="The part's text.")
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who speaks ('developer' is rendered as 'system').")
+    content: str | list[TextPart] = Field(description="The message's text, or a list of text parts (joined).")
+    name: _Name | None = Field(None, description="Speaker name (ignored).")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(True, description="Accepted; the last chunk always carries usage.")
+
+
+class ChatCompletionRequest(CompletionRequest):
+    """``POST /v1/chat/completions``: the completion fields, with ``messages`` instead of ``prompt``."""
+
+    prompt: None = Field(None, exclude=True, description="Not a chat field: use messages.")
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description=f"The conversation so far (1 to {MAX_MESSAGES} messages), rendered through the chat template.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Newer name of max_tokens (the same limit); give one of the two.")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            if "max_tokens" in self.model_fields_set and self.max_tokens != self.max_completion_tokens:
+                raise ValueError(f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                                 f"({self.max_completion_tokens}) disagree; give one")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] = "length"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = Field(None, description="name:version that answered, plus cache source.")
 
@@ -301,15 +366,16 @@ def validation_to_api_error(err: ValidationError) -> APIError:
 
 
 def check_completion_limits(req: CompletionRequest, *, prompt_tokens: int, max_prompt_tokens: int,
-                            max_tokens_limit: int) -> None:
+                            max_tokens_limit: int, prompt_param: str = "prompt") -> None:
+    """The deployment's limits (``prompt_param``: the field the prompt came from, ``messages`` for chat)."""
     if req.max_tokens > max_tokens_limit:
         raise APIError(400, f"max_tokens: {req.max_tokens} is over this deployment's limit of {max_tokens_limit}",
                        param="max_tokens", code="max_tokens_over_limit")
     if prompt_tokens > max_prompt_tokens:
-        raise APIError(400, f"prompt: {prompt_tokens} tokens is over the limit of {max_prompt_tokens}",
-                       param="prompt", code="prompt_too_long")
+        raise APIError(400, f"{prompt_param}: {prompt_tokens} tokens is over the limit of {max_prompt_tokens}",
+                       param=prompt_param, code="prompt_too_long")
     if prompt_tokens == 0:
-        raise APIError(400, "prompt: must not be empty", param="prompt", code="prompt_empty")
+        raise APIError(400, f"{prompt_param}: must not be empty", param=prompt_param, code="prompt_empty")
     if req.top_p != 1.0:
         raise APIError(400, "top_p: only 1.0 is supported", param="top_p", code="unsupported")
 

@@ -7,10 +7,14 @@ Deployments (one application)::
       |-- Batch        ModelServer: large batches, long window, deep queue, own autoscaling
       `-- Canary       ModelServer: the canary version (or the stable one while no canary runs)
 
-Model calls go through one ``@serve.batch`` async generator per ModelServer that yields every decode step:
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (messages through the chat template of
+:mod:`aifactory.serve.chat`) share one request path; :mod:`aifactory.serve.openai_api` holds what differs.
+Each ModelServer replica runs one continuous-batching engine loop (``engine: continuous``, the default;
+:mod:`aifactory.serve.engine_loop`): every request of the replica joins the running batch at the next decode
+step and leaves it when it ends (``engine: static`` keeps the ``@serve.batch`` window of earlier releases).
 ``stream: true`` requests forward each step's text as an SSE chunk at once, plain requests wait for the
-last step; both share the same batches. The SLO class comes from the ``X-SLO-Class`` header or the route
-(``/batch/v1/completions``). Rollout (canary percentage, promote, rollback) and weight swaps are
+last step; both share the same batch. The SLO class comes from the ``X-SLO-Class`` header or the route
+(``/batch/v1/...``) and orders admission and preemption inside the engine. Rollout (canary percentage, promote, rollback) and weight swaps are
 ``user_config`` changes applied by declarative updates (``aifactory.serve.deploy``), which reconfigure
 replicas in place instead of restarting them.
 """
@@ -21,7 +25,6 @@ import itertools
 import logging
 import os
 import time
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,15 +38,16 @@ from aifactory.exceptions import FactoryError
 from aifactory.serve.cache import ExactCache, PrefixCache, SemanticCache, flush_requests
 from aifactory.serve.config import INGRESS_NUM_CPUS, CompletionsArgs
 from aifactory.serve.engine import Decoder, GenDelta, GenItem, GenResult, LoadedModel, load_version
+from aifactory.serve.engine_loop import EngineLoop
 from aifactory.serve.http import error_response, install_error_handlers
-from aifactory.serve.metrics import LatencyWindow, UsageRecorder
+from aifactory.serve.metrics import EngineMetrics, LatencyWindow, UsageRecorder
+from aifactory.serve.openai_api import CHAT, COMPLETIONS, CompletionsAPI, apply_stop
 from aifactory.serve.ratelimit import TenantRateLimiter
 from aifactory.serve.routing import RolloutState, pick_target
 from aifactory.serve.schemas import (
-    APIError, CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
-    check_completion_limits, parse_body, read_body,
+    APIError, CompletionRequest, ModelCard, ModelList, Usage, check_completion_limits, parse_body, read_body,
 )
-from aifactory.serve.streaming import DONE, TextStream, sse_chunk, sse_error, stop_scan
+from aifactory.serve.streaming import DONE, TextStream, sse_error
 from aifactory.serve.tenants import TenantResolver, resolve_slo_class
 
 logger = logging.getLogger("ray.serve")
@@ -57,26 +61,6 @@ _REPLICA_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "Ac
 # decorated, so names defined later in this module would be missing in the replica.
 async def _awaitable(response):
     return await response
-
-
-def _cached(body: dict, source: str) -> CompletionResponse:
-    resp = CompletionResponse.model_validate(body)
-    return resp.model_copy(update={"system_fingerprint": f"{resp.system_fingerprint}+{source}-cache"})
-
-
-def _apply_stop(text: str, stops: list[str], finish: str) -> tuple[str, str]:
-    n, stopped = stop_scan(text, stops, final=True)  # the streamed answer's cut, so both agree by construction
-    return (text[:n], "stop") if stopped else (text, finish)
-
-
-async def _sse(resp: CompletionResponse):
-    """A cached answer as server-sent events in OpenAI's format (it is ready, so chunks are per character)."""
-    head = resp.model_dump(exclude={"choices", "usage"})
-    choice = resp.choices[0]
-    for ch in choice.text:
-        yield sse_chunk(head, ch)
-    yield sse_chunk(head, "", choice.finish_reason, usage=resp.usage.model_dump())
-    yield DONE
 
 
 _DRAINING: set = set()
@@ -115,12 +99,15 @@ def _cache_info(cache, tenant: str | None = None) -> dict | None:
 
 @serve.deployment
 class ModelServer:
-    """One model version behind ``@serve.batch``; ``user_config`` swaps the version or the batch window."""
+    """One model version behind the continuous engine's loop (``engine: continuous``: every request of the
+    replica joins one running batch, :mod:`aifactory.serve.engine_loop`) or ``@serve.batch`` (``static``);
+    ``user_config`` swaps the version or the static batch window."""
 
-    def __init__(self, *, registry: str, model_name: str, model_version: str, cache: dict, torch_threads: int):
+    def __init__(self, *, registry: str, model_name: str, model_version: str, cache: dict, torch_threads: int,
+                 engine: str = "continuous", continuous: dict | None = None):
         import torch
 
-        from aifactory.serve.config import CacheConfig
+        from aifactory.serve.config import CacheConfig, ContinuousBatchingConfig
 
         torch.set_num_threads(torch_threads)
         self.registry = registry
@@ -136,6 +123,10 @@ class ModelServer:
         self.latency = LatencyWindow()
         ctx = serve.get_replica_context()
         self.usage = UsageRecorder(ctx.app_name, ctx.deployment)  # exports the prefix cache's hit ratio
+        self.engine_metrics = EngineMetrics(ctx.app_name, ctx.deployment)
+        self.loop = EngineLoop(self.loaded, config=ContinuousBatchingConfig.model_validate(continuous or {}),
+                               prefix_cache=self.prefix_cache, on_step=self.engine_metrics.step) \
+            if engine == "continuous" else None
         logger.info("loaded %s (sha256 %s) in %.2fs", self.loaded.ref, self.loaded.sha256[:12], self.loaded.load_s)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -150,6 +141,8 @@ class ModelServer:
             else:
                 self.loaded, self.last_error = loaded, None
                 self.decoder = Decoder(loaded, prefix_cache=self.prefix_cache)
+                if self.loop is not None:
+                    self.loop.swap(loaded)
                 logger.info("swapped to %s (sha256 %s)", loaded.ref, loaded.sha256[:12])
         if "max_batch_size" in user_config:
             self._steps.set_max_batch_size(int(user_config["max_batch_size"]))
@@ -201,9 +194,25 @@ class ModelServer:
                 if res is not None and res.error is None:
                     self.usage.cache(item.tenant, "prefix", res.prefix_hit_tokens > 0)
 
+    async def _engine_steps(self, item: GenItem):
+        """One request's deltas from the replica's engine loop; its end is counted (prefix cache, latency, TTFT)."""
+        self.usage.start()
+        self.engine_metrics.start()
+        async for delta in self.loop.stream(item):
+            res = delta.result
+            if res is not None and res.error is None:
+                self.latency.observe(res.timings.get("total_s", 0.0))
+                self.engine_metrics.request(item.tenant, res.timings, len(res.tokens))
+                if self.prefix_cache is not None:
+                    self.usage.cache(item.tenant, "prefix", res.prefix_hit_tokens > 0)
+            yield delta
+
+    def _deltas(self, item: GenItem):
+        return self._steps(item) if self.loop is None else self._engine_steps(item)
+
     async def stream(self, item: GenItem):
         """One request's deltas as they are decoded (``handle.options(stream=True).stream.remote``)."""
-        steps = self._steps(item)
+        steps = self._deltas(item)
         async for delta in steps:
             if delta is None:
                 continue
@@ -213,7 +222,7 @@ class ModelServer:
             yield delta
 
     async def generate(self, item: GenItem) -> GenResult:
-        steps = self._steps(item)
+        steps = self._deltas(item)
         async for delta in steps:
             if delta is not None and delta.result is not None:
                 _drain_later(steps)  # answer now; the batch's generator ends this caller's stream
@@ -223,12 +232,20 @@ class ModelServer:
         raise RuntimeError("the decoder ended without a result")  # the engine always finishes each row
 
     def info(self) -> dict[str, Any]:
+        engine = {"kind": "static"}
+        if self.loop is not None:
+            st = self.loop.engine.stats
+            engine = {"kind": "continuous", "steps": st.steps, "largest_batch": st.largest_batch,
+                      "preemptions": st.preemptions, **self.engine_metrics.snapshot()}
         return {"version": self.loaded.version, "sha256": self.loaded.sha256, "last_error": self.last_error,
                 "prefix_cache_hit_ratio": self.prefix_cache.stats.hit_ratio() if self.prefix_cache else None,
-                "p95_latency_s": self.latency.p95()}
+                "p95_latency_s": self.latency.p95(), "engine": engine}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"p95_latency_s": self.latency.p95()}
+        stats = {"p95_latency_s": self.latency.p95()}
+        if self.loop is not None:
+            stats["engine_waiting_seqs"] = float(self.engine_metrics.snapshot()["waiting"])
+        return stats
 
 
 api = FastAPI(title="aifactory completions", docs_url=None, redoc_url=None)
@@ -327,14 +344,22 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._serve(request)
+        return await self._serve(request, COMPLETIONS)
 
     @api.post("/batch/v1/completions")
     async def batch_completions(self, request: Request):
-        return await self._serve(request)
+        return await self._serve(request, COMPLETIONS)
 
-    # ---- the request path -----------------------------------------------------------------------
-    async def _serve(self, request: Request):
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, CHAT)
+
+    @api.post("/batch/v1/chat/completions")
+    async def batch_chat_completions(self, request: Request):
+        return await self._serve(request, CHAT)
+
+    # ---- the request path (both APIs: `api` holds what differs) ---------------------------------------
+    async def _serve(self, request: Request, api: CompletionsAPI):
         self.usage.start()
         t0 = time.monotonic()
         tenant = "unattributed"
@@ -349,15 +374,15 @@ class Ingress:
                                headers={"Retry-After": str(int(retry))})
             slo = resolve_slo_class(request.headers, request.url.path, self.args.default_slo_class)
             max_body_bytes = self.args.limits.max_body_bytes
-            req = parse_body(CompletionRequest, await read_body(request, max_body_bytes=max_body_bytes),
+            req = parse_body(api.request_cls, await read_body(request, max_body_bytes=max_body_bytes),
                              max_body_bytes=max_body_bytes)
             if req.stream:
                 # Errors up to the first chunk are still plain 4xx/5xx JSON; the stream counts the request
                 # (status, time to its last chunk) when it ends.
-                body = await self._stream(req, tenant=tenant, slo=slo, t0=t0)
+                body = await self._stream(api, req, tenant=tenant, slo=slo, t0=t0)
                 streaming = True
                 return StreamingResponse(body, media_type="text/event-stream")
-            resp = await self._complete(req, tenant=tenant, slo=slo)
+            resp = await self._complete(api, req, tenant=tenant, slo=slo)
             return JSONResponse(resp.model_dump())
         except APIError as err:
             status = err.status
@@ -384,46 +409,44 @@ class Ingress:
             return "canary", r.canary_version or r.stable_version
         return "stable", r.stable_version
 
-    async def _prepare(self, req: CompletionRequest, *, tenant: str, slo: str) -> dict[str, Any]:
+    async def _prepare(self, api: CompletionsAPI, req: CompletionRequest, *, tenant: str, slo: str) -> dict[str, Any]:
         """Validate, pick the target and look in the caches: ``hit`` is a cached answer or None."""
-        prompt = req.prompt_text()
+        prompt = api.prompt(req)
         tokens = self.tokenizer.encode(prompt)
         limits = self.args.limits
         check_completion_limits(req, prompt_tokens=len(tokens), max_prompt_tokens=limits.max_prompt_tokens,
-                                max_tokens_limit=limits.max_tokens)
+                                max_tokens_limit=limits.max_tokens, prompt_param=api.prompt_param)
         target, version = self._target(req)
-        fields = {"prompt": prompt, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                  "seed": req.seed, "stop": req.stop_list()}
+        # `api` in the key: a chat answer and a completion of the same prompt text are different answers.
+        fields = {"api": api.name, "prompt": prompt, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                  "seed": req.seed, "stop": api.stops(req)}
         p = {"tokens": tokens, "fields": fields, "cacheable": req.deterministic, "emb": None, "hit": None}
         key = ExactCache.key(tenant, version, **fields) if p["cacheable"] and self.exact is not None else None
         if key is not None:
             hit = self.exact.get(key)
             self.usage.cache(tenant, "exact", hit is not None)
             if hit is not None:
-                return p | {"hit": _cached(hit, "exact")}
+                return p | {"hit": api.cached(hit, "exact")}
         if p["cacheable"] and self.semantic is not None:
             p["emb"] = emb = (await asyncio.to_thread(self.embedder.encode, [prompt], normalize_embeddings=True))[0]
             scope_fields = {k: v for k, v in fields.items() if k != "prompt"}
             found = self.semantic.get(SemanticCache.scope(tenant, version, **scope_fields), emb)
             self.usage.cache(tenant, "semantic", found is not None)
             if found is not None:
-                return p | {"hit": _cached(found[0], "semantic")}
+                return p | {"hit": api.cached(found[0], "semantic")}
         p["handle"] = self.handles[CANARY if target == "canary" else TARGETS[slo]]
         p["item"] = GenItem(tokens=tokens, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
-                            tenant=tenant)
+                            tenant=tenant, slo_class=slo)
         return p
 
-    def _finish(self, req: CompletionRequest, p: dict[str, Any], result: GenResult, *, tenant: str,
-                text: str, finish: str, head: dict[str, Any] | None = None) -> CompletionResponse:
+    def _finish(self, api: CompletionsAPI, req: CompletionRequest, p: dict[str, Any], result: GenResult, *,
+                tenant: str, text: str, finish: str, head: dict[str, Any] | None = None):
         """The answer of a generated request: counts its tokens for the tenant and fills the caches."""
         tokens = p["tokens"]
-        resp = CompletionResponse(**(head or {}) | dict(  # a stream's answer keeps the id its chunks carried
-            model=req.model,
-            choices=[CompletionChoice(text=text, finish_reason=finish)],
+        resp = api.response(  # a stream's answer keeps the id its chunks carried
+            req, text=text, finish=finish, head=head, fingerprint=f"{self.args.model_name}:{result.version}",
             usage=Usage(prompt_tokens=len(tokens), completion_tokens=len(result.tokens),
-                        total_tokens=len(tokens) + len(result.tokens)),
-            system_fingerprint=f"{self.args.model_name}:{result.version}",
-        ))
+                        total_tokens=len(tokens) + len(result.tokens)))
         self.usage.tokens(tenant, prompt=len(tokens), completion=len(result.tokens))
         if p["cacheable"]:
             # Stored under the version that actually answered (it may lag the rollout during a swap).
@@ -436,51 +459,52 @@ class Ingress:
                                   resp.model_dump())
         return resp
 
-    async def _complete(self, req: CompletionRequest, *, tenant: str, slo: str) -> CompletionResponse:
-        p = await self._prepare(req, tenant=tenant, slo=slo)
+    async def _complete(self, api: CompletionsAPI, req: CompletionRequest, *, tenant: str, slo: str):
+        p = await self._prepare(api, req, tenant=tenant, slo=slo)
         if p["hit"] is not None:
             return p["hit"]
         result = await self._call(p["handle"], p["item"], slo)
-        text, finish = _apply_stop(self.tokenizer.decode(result.tokens), req.stop_list(), result.finish_reason)
-        return self._finish(req, p, result, tenant=tenant, text=text, finish=finish)
+        text, finish = apply_stop(self.tokenizer.decode(result.tokens), api.stops(req), result.finish_reason)
+        return self._finish(api, req, p, result, tenant=tenant, text=text, finish=finish)
 
-    async def _stream(self, req: CompletionRequest, *, tenant: str, slo: str, t0: float):
+    async def _stream(self, api: CompletionsAPI, req: CompletionRequest, *, tenant: str, slo: str, t0: float):
         """Open the token stream and wait for its first step, so errors before it are still JSON; then
         return the SSE body, which sends each step's text as soon as the engine decodes it."""
-        p = await self._prepare(req, tenant=tenant, slo=slo)
-        timeout = self.args.admission.request_timeout_s
+        p = await self._prepare(api, req, tenant=tenant, slo=slo)
         if p["hit"] is not None:
             stream, first = None, None
         else:
             stream, first = await self._call(p["handle"], p["item"], slo, stream=True)
-        return self._sse_body(req, p, stream, first, tenant=tenant, t0=t0, timeout=timeout)
+        return self._sse_body(api, req, p, stream, first, tenant=tenant, t0=t0)
 
-    async def _sse_body(self, req: CompletionRequest, p: dict[str, Any], stream, first: GenDelta | None, *,
-                        tenant: str, t0: float, timeout: float):
+    async def _sse_body(self, api: CompletionsAPI, req: CompletionRequest, p: dict[str, Any], stream,
+                        first: GenDelta | None, *, tenant: str, t0: float):
         status = 200
         received, billed = 0, False
+        timeout = self.args.admission.request_timeout_s
         try:
             if p["hit"] is not None:
-                async for chunk in _sse(p["hit"]):
+                async for chunk in api.replay(p["hit"]):
                     yield chunk
                 return
-            head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-                    "created": int(time.time()), "model": req.model}
-            text = TextStream(req.stop_list())
+            head = api.head(req)
+            if (opening := api.opening(head)) is not None:
+                yield opening
+            text = TextStream(api.stops(req))
             delta = first
             while True:
                 received += len(delta.tokens)
                 piece = text.feed(delta.tokens, final=delta.result is not None)
                 if piece:
-                    yield sse_chunk(head, piece)
+                    yield api.chunk(head, piece)
                 if delta.result is not None:
                     break
                 delta = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
             result = delta.result
             finish = "stop" if text.stopped else result.finish_reason
-            resp = self._finish(req, p, result, tenant=tenant, text=text.answer, finish=finish, head=head)
+            resp = self._finish(api, req, p, result, tenant=tenant, text=text.answer, finish=finish, head=head)
             billed = True
-            yield sse_chunk(head | {"system_fingerprint": resp.system_fingerprint}, "", finish,
+            yield api.chunk(head | {"system_fingerprint": resp.system_fingerprint}, "", finish,
                             usage=resp.usage.model_dump())
             yield DONE
         except asyncio.TimeoutError:
@@ -550,7 +574,7 @@ def build(args: CompletionsArgs):
         return ModelServer.options(
             name=name, user_config={"model_version": version, **cls.batching.model_dump()},
             **cls.deployment_options(),
-        ).bind(model_version=version, **common)
+        ).bind(model_version=version, engine=cls.engine, continuous=cls.continuous.model_dump(), **common)
 
     interactive = server(INTERACTIVE, args.interactive, stable)
     batch = server(BATCH, args.batch, stable)
