@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from aifactory.config import StrictModel
+from aifactory.serve.admission import AdaptiveAdmission
 from aifactory.tenancy import TenantName
 
 
@@ -177,6 +178,10 @@ class AdmissionConfig(StrictModel):
     )
     tenant_rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Per-tenant limits.")
     request_timeout_s: float = Field(30.0, gt=0, description="A model call slower than this answers 504.")
+    adaptive: AdaptiveAdmission | None = Field(
+        None, description="A latency objective instead of fixed bounds: each replica sizes its in-flight limit from "
+        "measured latency (aifactory.serve.admission) and answers the excess 429 at once; null = the fixed "
+        "max_ongoing_requests/max_queued_requests.")
 
 
 class CacheConfig(StrictModel):
