@@ -1,5 +1,5 @@
 """The yield request a dispatcher writes for a training run, and what a yielded run looks like to its callers
-(no Ray: the worker loop's side is tests/integration/test_train_preemption.py)."""
+(no Ray: the worker loop's side is tests/integration/test_train.py)."""
 
 from __future__ import annotations
 
