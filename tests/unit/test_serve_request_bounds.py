@@ -239,7 +239,8 @@ def test_a_group_of_only_poisoned_rows_answers_each_with_its_error(loaded):
 
 @pytest.fixture
 def model_server(loaded, monkeypatch):
-    """The completions app's ModelServer around the tiny GPT, its ``@serve.batch`` running in-process."""
+    """The completions app's ModelServer (``engine: static``) around the tiny GPT, its ``@serve.batch`` running
+    in-process."""
     import ray.serve.batching
 
     from aifactory.serve.apps import completions
@@ -252,6 +253,7 @@ def model_server(loaded, monkeypatch):
     server = object.__new__(completions.ModelServer.func_or_class)
     server.loaded, server.decoder, server.prefix_cache = loaded, Decoder(loaded), None
     server.latency = LatencyWindow()
+    server.loop = None  # engine: static (the continuous engine's row isolation is tests/unit/test_serve_engine_cb.py)
     return server
 
 
