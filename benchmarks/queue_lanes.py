@@ -1,6 +1,6 @@
-"""The tenant queue on a real local cluster: noisy neighbours, fair share, scale (issue 16's done-when).
+"""The tenant queue on a real local cluster: noisy neighbours, fair share, preemption, scale (issue 16's done-when).
 
-    .venv/bin/python -m benchmarks.queue_lanes [--scenario all|noisy|fairness|scale] [--repeats 3]
+    .venv/bin/python -m benchmarks.queue_lanes [--scenario all|noisy|fairness|preemption|scale] [--repeats 3]
 
 One private loopback head with 4 logical CPUs, started as ``factory up`` starts it (the meter and the queue's
 dispatcher actor), in a throwaway factory home whose ``lanes.yaml`` lets the learning lane fill the cluster
@@ -20,6 +20,14 @@ holding 1 CPU each for T seconds (sleeping, so the host's two cores are not what
   dispatch pass's planning time (the admission decision; target p99 <= 50 ms), jobs run for ``--scale-run-s``,
   then the rest is cancelled; none lost (each entry ends succeeded or cancelled), none run twice (one Ray job
   per entry), and the GCS still answers.
+
+- **preemption**: a learning-lane training run (2-worker FSDP2 + bf16, dropout, a checkpoint every
+  ``EVERY`` steps, declared as holding the whole cluster) queued through ``Client.submit`` as ``factory
+  train``; once its first checkpoint is on storage a factory-lane job of 4 CPUs is queued. The dispatcher asks
+  the run to yield (DCP checkpoint, exit 75), starts the factory job, then re-dispatches the run under the same
+  run id, which resumes. Figures: the final validation loss against an uninterrupted run of the same seed
+  queued the same way (target within 1e-3), the steps lost (target <= one checkpoint interval), the factory
+  job's queue wait, and the run's recorded queue wait across both attempts.
 
 Writes benchmarks/results/queue_lanes/ (run.json with the figures and targets, trials.jsonl) through the
 measurement toolkit, and queue_lanes.png.
@@ -186,6 +194,102 @@ def fairness(home, state, *, tenants: dict[str, float], jobs_per_tenant: int, jo
     return out
 
 
+STEPS, EVERY = 24, 4
+
+
+def _train_job(version: str):
+    """The run that is preempted: small, but the real trainer (Ray Train, FSDP2, bf16, DCP) with dropout, so
+    resuming also needs each rank's RNG state from the checkpoint."""
+    from aifactory.models.gpt import GPTConfig
+    from aifactory.tenancy import TenantRef
+    from aifactory.train.config import (
+        CheckpointSpec,
+        DataSpec,
+        GateSpec,
+        ModelSpec,
+        OptimizerSpec,
+        ScalingSpec,
+        TrainJob,
+        ValidationSpec,
+    )
+
+    return TrainJob(
+        tenant=TenantRef(tenant="lab"),
+        data=DataSpec(dataset_version=version, batch_size=8, prefetch_batches=1),
+        model=ModelSpec(name="bench-yield-gpt",
+                        gpt=GPTConfig(seq_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.1)),
+        precision="bf16-mixed", sharding="fsdp", scaling=ScalingSpec(num_workers=2),
+        optimizer=OptimizerSpec(lr=3e-3, warmup_steps=2), steps=STEPS,
+        checkpoint=CheckpointSpec(every_steps=EVERY, keep_last=2),
+        validation=ValidationSpec(max_batches=2, gate=GateSpec(max_val_loss=6.0, min_improvement=0.0)),
+        max_failures=0, seed=11)
+
+
+def preemption(home, state, *, log) -> dict:
+    """An uninterrupted queued run, then the same run preempted through the queue by factory-lane work."""
+    import os
+    import sysconfig
+
+    from aifactory.data.ingest import IngestConfig, ingest, local_writer
+    from aifactory.jobs import Client
+    from aifactory.queue.store import QueueStore
+    from aifactory.tenancy import TenantRef, WorkloadKind
+    from aifactory.train.checkpoint import is_complete, step_dir_name
+    from aifactory.train.runs import read_manifest
+    from aifactory.workloads import read_record
+
+    src = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+    version = ingest(home, IngestConfig(source=src, seq_len=65, target_shard_mb=0.02, validation_fraction=0.2),
+                     tenant=TenantRef(tenant="lab"), writer=local_writer).version
+    config = home.root / "bench-yield-job.json"
+    config.write_text(json.dumps(_train_job(version).model_dump(mode="json")))
+    factory = Path(sys.executable).parent / "factory"
+    entry = f"{factory} train --config {config} --format json"
+    env = {"env_vars": {"AIFACTORY_HOME": str(home.root)}}
+    lab = Client(address=state.dashboard_url, tenant="lab", home=home)
+    prod = Client(address=state.dashboard_url, tenant="prod", home=home)
+    store = QueueStore.of(home)
+
+    def submit_run() -> str:
+        return lab.submit(entry, workload=WorkloadKind.TRAIN, num_cpus=4, lane="learning", runtime_env=env)
+
+    t0 = time.monotonic()
+    base_id = submit_run()
+    base = lab.wait(base_id, timeout_s=900, poll_s=0.5)
+    base_s = time.monotonic() - t0
+    base_m = read_manifest(home, base_id)
+    log(f"preemption: uninterrupted run {base.status} in {base_s:.1f} s, val_loss {base_m['metrics']['val_loss']:.6f}")
+
+    run_id = submit_run()
+    first = os.path.join(home.checkpoints, run_id, step_dir_name(EVERY))
+    deadline = time.monotonic() + 600
+    while not is_complete(first) and time.monotonic() < deadline:
+        lab.dispatch(lock_timeout_s=0.0)
+        time.sleep(0.1)
+    t_prod = time.time()
+    prod_id = prod.submit(_entry(4, 5), num_cpus=4, lane="factory")
+    prod_rec = prod.wait(prod_id, timeout_s=900, poll_s=0.25)
+    run = lab.wait(run_id, timeout_s=900, poll_s=0.5)
+    m = read_manifest(home, run_id)
+    e, pe = store.get(run_id), store.get(prod_id)
+    restarts = m["metrics"].get("restarts") or []
+    pre_step = (m.get("preemptions") or [{}])[-1].get("step")
+    from_step = restarts[0]["from_step"] if restarts else None
+    rec = read_record(home, run_id)
+    out = {"uninterrupted_val_loss": base_m["metrics"]["val_loss"], "uninterrupted_s": base_s,
+           "resumed_val_loss": m["metrics"]["val_loss"], "status": run.status, "factory_job_status": prod_rec.status,
+           "val_loss_abs_diff": abs(m["metrics"]["val_loss"] - base_m["metrics"]["val_loss"]),
+           "preempted_at_step": pre_step, "resumed_from_step": m.get("resumed_from_step"),
+           "steps_lost": None if pre_step is None or from_step is None else pre_step - from_step,
+           "checkpoint_every_steps": EVERY, "preemptions_in_entry": len(e.preemptions),
+           "attempts": e.attempts, "run_queue_wait_s": rec.queue_wait_s, "entry_queue_wait_s": e.queue_wait_s,
+           "factory_job_wait_s": (pe.started_at - t_prod) if pe.started_at else None,
+           "factory_job_queue_wait_s": pe.queue_wait_s,
+           "preemption_how": (e.preemptions[-1] if e.preemptions else {}).get("how")}
+    log(f"preemption: {json.dumps(out)}")
+    return out
+
+
 def scale(home, state, *, jobs: int, tenants: int, run_s: float, log) -> dict:
     from aifactory.bench.stats import percentile
     from aifactory.cluster.connect import auth_headers
@@ -275,7 +379,7 @@ def _plot(summary: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenario", choices=["all", "noisy", "fairness", "scale"], default="all")
+    p.add_argument("--scenario", choices=["all", "noisy", "fairness", "preemption", "scale"], default="all")
     p.add_argument("--repeats", type=int, default=3, help="noisy-neighbour rounds (each runs both doors)")
     p.add_argument("--fair-jobs", type=int, default=40, help="jobs per tenant in each fairness run")
     p.add_argument("--job-s", type=float, default=4.0, help="seconds each fairness job holds its CPU")
@@ -314,6 +418,15 @@ def main(argv: list[str] | None = None) -> int:
                               "window_s": f["window_s"]}]
             summary.setdefault("targets", {})[f"{key}_within_10pct"] = f["max_rel_error"] <= 0.10
         summary["targets"]["fairness_equal_jain>=0.95"] = summary["fairness_equal"]["jain_index_weighted"] >= 0.95
+    if args.scenario in ("all", "preemption"):
+        with factory_cluster(4) as (home, state):
+            pr = preemption(home, state, log=log)
+        summary["preemption"] = pr
+        variants["preemption"] = [{k: v for k, v in pr.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}]
+        summary.setdefault("targets", {}).update({
+            "preemption_val_loss_within_1e-3": pr["val_loss_abs_diff"] <= 1e-3,
+            "preemption_lost_at_most_one_interval": pr["steps_lost"] is not None and 0 <= pr["steps_lost"] <= EVERY,
+            "preemption_queue_wait_recorded": (pr["run_queue_wait_s"] or 0) > 0})
     if args.scenario in ("all", "scale"):
         with factory_cluster(4) as (home, state):
             s = scale(home, state, jobs=args.scale_jobs, tenants=10, run_s=args.scale_run_s, log=log)
